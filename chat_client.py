@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Step 3: a chat client that waits on the keyboard and the server at once with select().
+
+Run it:      python chat_client.py             (with chat_server.py, or echo_server.py, running)
+Options:     python chat_client.py --help
+
+    name: John
+    Welcome to the chatroom!
+    Hi
+    John: Hi
+    Jane: hello John
+
+It asks for your name, then sends each line you type as "John: Hi". Lines from the
+server are printed as soon as each one is whole. Against step 1's echo server you see
+your own line twice: once as we print it, once as the server sends it back.
+
+What to notice: one select() call waits on two things, standard input and the socket,
+so a message can arrive while you are typing. Both are byte streams that we cut into
+lines ourselves. And text from the network is untrusted: we make control characters
+visible, so no one can clear your screen or retitle your terminal.
+
+What it leaves out on purpose: an incoming message is printed where the cursor is, even
+in the middle of the line you are typing. And select() cannot watch standard input on
+Windows, so there it points you to WSL.
+"""
+import argparse
+import os
+import select
+import socket
+import sys
+
+DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
+RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv() or read()
+LINE_LIMIT = 64 * 1024    # a longer incoming line is printed in pieces, so our memory stays bounded
+CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
+QUIT_WORDS = ("quit", "exit")
+
+# Text from the network may carry terminal control sequences: ESC [2J clears the screen,
+# ESC ]0; sets the window title. We show every C0 control but tab, DEL and the C1 controls
+# as a visible \xNN escape instead of writing it raw.
+CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
+MAKE_VISIBLE = {code: f"\\x{code:02x}" for code in CONTROLS}
+
+
+def harmless(raw):
+    """Decode bytes from the network and make them safe to print."""
+    return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
+
+
+def split_lines(buf):
+    """Remove the complete lines from buf (a bytearray) and return them, without "\\r\\n"."""
+    *lines, rest = buf.split(b"\n")
+    buf[:] = rest
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def ask_name(stdin):
+    """Ask for a name until we get one. Returns None at end of input.
+
+    We read one byte at a time, so nothing typed after the name is read ahead and
+    hidden from select() in a buffer (the trap of mixing input() with select())."""
+    while True:
+        print("name: ", end="", flush=True)
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            byte = os.read(stdin, 1)
+            if not byte:
+                return None
+            line += byte
+        name = line.decode("utf-8", errors="replace").strip()
+        if name:
+            return name
+
+
+def chat(sock, name, stdin):
+    """The select loop. Returns the exit status."""
+    typed = bytearray()      # keyboard bytes whose "\n" has not arrived yet
+    inbuf = bytearray()      # server bytes whose "\n" has not arrived yet
+    outbuf = bytearray()     # our lines that the kernel has not taken yet
+    typing = True            # False after quit or end of input: send what is queued, then leave
+    while typing or outbuf:
+        want_read = [sock, stdin] if typing else [sock]
+        readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
+
+        if sock in readable:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                data = None
+            except OSError:  # ECONNRESET: the server vanished
+                data = b""
+            if data == b"":  # the server closed the connection
+                if inbuf:
+                    print(harmless(inbuf), flush=True)
+                print("server closed the connection", file=sys.stderr)
+                return 1
+            if data:
+                inbuf += data
+                for line in split_lines(inbuf):
+                    print(harmless(line), flush=True)
+                if len(inbuf) > LINE_LIMIT:
+                    print(harmless(inbuf), flush=True)
+                    inbuf.clear()
+
+        if stdin in readable:
+            data = os.read(stdin, RECV_SIZE)  # not sys.stdin: its buffer would hide lines from select()
+            typed += data
+            lines = split_lines(typed)
+            if not data:  # end of input (Ctrl-D): an unfinished last line still counts
+                lines.append(bytes(typed))
+                typing = False
+            for line in lines:
+                text = line.decode("utf-8", errors="replace")
+                if text.strip().lower() in QUIT_WORDS:
+                    typing = False
+                    break
+                if text:
+                    message = f"{name}: {text}"
+                    print(message, flush=True)
+                    outbuf += message.encode("utf-8") + b"\n"
+
+        if sock in writable:
+            try:
+                sent = sock.send(outbuf)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                print("server closed the connection", file=sys.stderr)
+                return 1
+            del outbuf[:sent]  # send() may take only part of it
+    return 0
+
+
+def format_addr(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def port_number(text):
+    port = int(text)
+    if not 0 < port <= 65535:
+        raise argparse.ArgumentTypeError("must be from 1 to 65535")
+    return port
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Step 3: a chat client. Type a line to send it; quit, exit or Ctrl-D leaves.")
+    parser.add_argument("--host", default="localhost",
+                        help="server to connect to (default: %(default)s)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="server's TCP port (default: %(default)s)")
+    parser.add_argument("--name", help="the name put before your lines (asked if not given)")
+    args = parser.parse_args(argv)
+
+    if os.name == "nt":
+        print("error: on Windows, select() cannot watch the keyboard; "
+              "run this client under WSL (Windows Subsystem for Linux)", file=sys.stderr)
+        return 1
+
+    where = format_addr(args.host, args.port)
+    try:
+        # create_connection tries every address the name resolves to (IPv6 and IPv4).
+        sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT)
+    except socket.gaierror as err:
+        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
+        return 1
+    except ConnectionRefusedError:
+        print(f"error: cannot connect to {where}: connection refused (is the server running?)",
+              file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: cannot connect to {where}: {(err.strerror or str(err)).lower()}",
+              file=sys.stderr)
+        return 1
+
+    sock.setblocking(False)
+    stdin = sys.stdin.fileno()
+    try:
+        name = args.name.strip() if args.name and args.name.strip() else ask_name(stdin)
+        return chat(sock, name, stdin) if name else 0
+    except KeyboardInterrupt:  # Ctrl-C
+        print()
+        return 0
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Step 4: a chat server. Each line a client sends goes to every other client.
+
+Run it:      python chat_server.py             then: python chat_client.py, in two terminals
+Options:     python chat_server.py --help      (telnet or nc localhost 7007 work too)
+
+This is echo_server.py grown by two ideas. Framing: TCP delivers a byte stream, so we
+cut it into lines ourselves. Fan-out: a line is queued for every other client instead of
+sent back. The shape is the same: one select() loop, non-blocking sockets, and an output
+buffer per client that is sent when its socket is writable.
+
+The protocol is UTF-8 text lines ending in "\\n" (a "\\r" before it is dropped). The
+server greets each client, relays lines, and announces arrivals and departures with
+lines that start with "* ". It does not decode what it relays: bytes go out as they came.
+
+What it leaves out on purpose: names (a client puts its own name in each line, so anyone
+can claim any name; a server that owns identity is the IRC challenge), rooms, history,
+idle timeouts and TLS.
+"""
+import argparse
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+try:
+    import resource  # POSIX only: tells how many file descriptors we may open
+except ImportError:
+    resource = None
+
+DEFAULT_PORT = 7007         # the challenge's port
+RECV_SIZE = 64 * 1024       # one recv() per ready socket: many lines are handled as one batch
+LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
+OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
+BACKLOG = 1024              # connections the kernel may queue for us while we are busy
+ACCEPT_PAUSE = 0.5          # seconds to stop accepting after accept() fails, e.g. out of descriptors
+# select() can only watch descriptors numbered below FD_SETSIZE: 1024 on Linux and macOS.
+# (Windows counts sockets instead, 512 of them.)
+FD_SETSIZE = 512 if os.name == "nt" else 1024
+SPARE_FDS = 24              # descriptors kept back for stdin/out/err, the listener and Python itself
+# On Windows, Ctrl-C cannot interrupt a select() that waits forever, so we wake up now and then.
+IDLE_TIMEOUT = 1.0 if os.name == "nt" else None
+
+WELCOME = b"Welcome to the chatroom!\n"
+SERVER_FULL = b"error: server full, try again later\n"
+LINE_TOO_LONG = f"error: line too long (limit {LINE_LIMIT} bytes)\n".encode()
+
+
+class Client:
+    """Everything the server keeps for one connection."""
+
+    def __init__(self, sock, name):
+        self.sock = sock
+        self.name = name            # "127.0.0.1:50312", for the log
+        self.inbuf = bytearray()    # the start of a line whose "\n" has not arrived yet
+        self.outbuf = bytearray()   # lines for this client that the kernel has not taken yet
+        self.closing = False        # left the room: close once outbuf is sent
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_addr(addr):
+    """("::1", 7007, 0, 0) -> "[::1]:7007"; ("127.0.0.1", 7007) -> "127.0.0.1:7007"."""
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def default_max_clients():
+    """As many clients as select() can watch, and never more descriptors than we may open."""
+    limit = FD_SETSIZE
+    if resource:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, soft)
+    return max(1, limit - SPARE_FDS)
+
+
+def open_listener(host, port):
+    """Create, bind and listen: the first three steps of every TCP server."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    if os.name == "posix":
+        # Bind again at once after a restart, while old connections linger in TIME_WAIT.
+        # (On Windows this option lets two servers share a port, so we leave it off there.)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(addr)
+        listener.listen(BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
+
+
+def online(clients):
+    return sum(not c.closing for c in clients.values())
+
+
+def broadcast(data, clients, sender=None):
+    """Queue data for everyone in the room but the sender. Nothing is sent here: each
+    socket gets its turn when select() says it is writable."""
+    for client in clients.values():
+        # A client already past OUTBUF_LIMIT gets nothing more: it is dropped this turn.
+        if client is not sender and not client.closing and len(client.outbuf) <= OUTBUF_LIMIT:
+            client.outbuf += data
+
+
+def accept_client(listener, clients, max_clients):
+    """A readable listener means a connection is waiting to be accepted."""
+    try:
+        sock, addr = listener.accept()
+    except (BlockingIOError, ConnectionAbortedError):
+        return  # the caller gave up before we got to it
+    name = format_addr(addr)
+    # A descriptor that select() cannot watch would crash the loop: refuse it like a full house.
+    too_high = os.name == "posix" and sock.fileno() >= FD_SETSIZE
+    if len(clients) >= max_clients or too_high:
+        log(f"{name} refused: server full ({len(clients)} clients)")
+        try:
+            sock.send(SERVER_FULL)  # a new socket's send buffer is empty, so this short line fits
+        except OSError:
+            pass
+        sock.close()
+        return
+    sock.setblocking(False)
+    # Send each line at once. Nagle's algorithm would hold a small write back until the
+    # previous one is acknowledged, which can add tens of milliseconds to a chat line.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client = clients[sock] = Client(sock, name)
+    client.outbuf += WELCOME
+    broadcast(f"* a user joined ({online(clients)} online)\n".encode(), clients, sender=client)
+    log(f"{name} connected ({online(clients)} online)")
+
+
+def leave_room(client, clients, why):
+    """Tell the others that client left. Its socket stays open until its outbuf is sent."""
+    client.closing = True
+    broadcast(f"* a user left ({online(clients)} online)\n".encode(), clients)
+    log(f"{client.name} {why} ({online(clients)} online)")
+
+
+def close_client(client, clients):
+    del clients[client.sock]
+    client.sock.close()
+
+
+def drop_client(client, clients, why):
+    """Close the connection now; anything still queued for it is lost."""
+    if not client.closing:
+        leave_room(client, clients, why)
+    close_client(client, clients)
+
+
+def relay_lines(client, data, clients):
+    """TCP is a byte stream: one recv() may hold half a line, or a hundred lines. We add
+    data to inbuf, relay every complete line as one batch, and keep the unfinished rest."""
+    client.inbuf += data
+    lines = []
+    if b"\n" in data:
+        *lines, client.inbuf = client.inbuf.split(b"\n")
+    batch = bytearray()
+    too_long = len(client.inbuf) > LINE_LIMIT + 1  # + 1: a "\r" may still be followed by "\n"
+    for line in lines:
+        if line.endswith(b"\r"):  # telnet and nc -C end lines with "\r\n"
+            line = line[:-1]
+        if len(line) > LINE_LIMIT:
+            too_long = True
+            break
+        if line:  # empty lines are ignored
+            batch += line + b"\n"
+    if batch:
+        broadcast(batch, clients, sender=client)
+    if too_long:
+        # The line cap bounds inbuf. We say why, and close once that message is sent.
+        client.inbuf.clear()
+        client.outbuf += LINE_TOO_LONG
+        leave_room(client, clients, f"dropped: line longer than {LINE_LIMIT} bytes")
+
+
+def read_from(client, clients):
+    try:
+        data = client.sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        return  # select() said readable, but the data was gone; try again next turn
+    except OSError as err:  # ECONNRESET and friends: the client vanished
+        if client.inbuf:  # whatever it typed last still counts
+            relay_lines(client, b"\n", clients)
+        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        return
+    if data:
+        relay_lines(client, data, clients)
+        return
+    # b"" means the client closed (or half-closed) its side. A last line without its "\n"
+    # is still delivered. Then it leaves, and we close once its outbuf is sent.
+    if client.inbuf:
+        relay_lines(client, b"\n", clients)
+    if not client.closing:
+        leave_room(client, clients, "disconnected")
+    if not client.outbuf:
+        close_client(client, clients)
+
+
+def write_to(client, clients):
+    try:
+        sent = client.sock.send(client.outbuf)
+    except BlockingIOError:
+        return
+    except OSError as err:  # EPIPE, ECONNRESET: the client is gone
+        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        return
+    del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
+    if client.closing and not client.outbuf:
+        close_client(client, clients)
+
+
+def drop_slow_consumers(clients):
+    """A client that does not read while others talk piles up output. Past OUTBUF_LIMIT we
+    drop it, so one stuck reader can neither stall the room nor eat the server's memory.
+    Its "user left" notice may push another one over, so we look again until none is."""
+    while True:
+        slow = [c for c in clients.values() if len(c.outbuf) > OUTBUF_LIMIT]
+        if not slow:
+            return
+        for client in slow:
+            drop_client(client, clients, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
+
+
+def serve(listener, max_clients):
+    clients = {}              # socket -> Client, for every open connection
+    accept_paused_until = 0.0
+    try:
+        while True:
+            # Ask only for what we can act on. Watching a socket for writability while
+            # we have nothing to send would wake us at once, every turn: 100% CPU.
+            now = time.monotonic()
+            accepting = now >= accept_paused_until
+            want_read = [listener] if accepting else []
+            want_read += [c.sock for c in clients.values() if not c.closing]
+            want_write = [c.sock for c in clients.values() if c.outbuf]
+            timeout = IDLE_TIMEOUT if accepting else accept_paused_until - now
+
+            # The one place we wait. We don't use the third list (TCP urgent data).
+            readable, writable, _ = select.select(want_read, want_write, [], timeout)
+
+            for sock in readable:
+                if sock is listener:
+                    try:
+                        accept_client(listener, clients, max_clients)
+                    except OSError as err:
+                        # EMFILE and the like: out of descriptors. The connection stays queued
+                        # in the kernel, so the listener stays readable: pause, or we would spin.
+                        log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
+                        accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                elif sock in clients:  # skip a client dropped earlier in this pass
+                    read_from(clients[sock], clients)
+            drop_slow_consumers(clients)
+            # Writable means there is room in the kernel's send buffer, not that data arrived.
+            for sock in writable:
+                if sock in clients:
+                    write_to(clients[sock], clients)
+    finally:
+        for client in clients.values():
+            client.sock.close()
+
+
+def port_number(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535")
+    return port
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Step 4: a chat server that relays each line to every other client, "
+                    "with one select() loop.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only; "
+                             "0.0.0.0 or :: opens the server to the network)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="TCP port (default: %(default)s; 0 picks a free port)")
+    parser.add_argument("--max-clients", type=positive_int, default=default_max_clients(),
+                        help="connections served at once; more are told the server is full "
+                             "(default: %(default)s here, the most select() can watch)")
+    args = parser.parse_args(argv)
+
+    try:
+        listener = open_listener(args.host, args.port)
+    except socket.gaierror as err:
+        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        hint = " (is another server running? try another --port)" if err.errno == errno.EADDRINUSE else ""
+        where = format_addr((args.host, args.port))
+        print(f"error: cannot listen on {where}: {(err.strerror or str(err)).lower()}{hint}",
+              file=sys.stderr)
+        return 1
+
+    # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) do the same.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        print(f"chat server listening on {format_addr(listener.getsockname())}", flush=True)
+        log(f"serving up to {args.max_clients} clients at once")
+        serve(listener, args.max_clients)
+    except KeyboardInterrupt:
+        log("shutting down")
+    finally:
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Step 1: a TCP echo server (RFC 862) that serves many clients with one select() loop.
+
+Run it:      python echo_server.py             then, in another terminal: nc localhost 7007
+Options:     python echo_server.py --help
+
+Every byte a client sends comes back to that client, unchanged and in order: text or
+binary, with or without newlines, any amount. One thread serves everyone. The loop asks
+select.select() which sockets are ready, and touches only those, so no call in the loop
+ever waits on one client while the others wait on it.
+
+What to notice: non-blocking sockets; a per-client output buffer, because send() may take
+only part of what we give it; backpressure (we stop reading from a client that does not
+read its echo); half-close; and select()'s FD_SETSIZE ceiling.
+
+What it leaves out on purpose: idle timeouts (an idle client keeps its slot until it
+leaves), the UDP half of RFC 862, and TLS.
+"""
+import argparse
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+try:
+    import resource  # POSIX only: tells how many file descriptors we may open
+except ImportError:
+    resource = None
+
+DEFAULT_PORT = 7007         # the challenge's port; RFC 862's port 7 would need root
+RECV_SIZE = 64 * 1024       # one recv() per ready socket: big enough to move bulk data quickly
+OUTBUF_LIMIT = 256 * 1024   # stop reading a client whose unsent echo passes this (backpressure)
+BACKLOG = 1024              # connections the kernel may queue for us while we are busy
+ACCEPT_PAUSE = 0.5          # seconds to stop accepting after accept() fails, e.g. out of descriptors
+# select() can only watch descriptors numbered below FD_SETSIZE: 1024 on Linux and macOS.
+# (Windows counts sockets instead, 512 of them.)
+FD_SETSIZE = 512 if os.name == "nt" else 1024
+SPARE_FDS = 24              # descriptors kept back for stdin/out/err, the listener and Python itself
+# On Windows, Ctrl-C cannot interrupt a select() that waits forever, so we wake up now and then.
+IDLE_TIMEOUT = 1.0 if os.name == "nt" else None
+
+
+class Client:
+    """Everything the server keeps for one connection."""
+
+    def __init__(self, sock, name):
+        self.sock = sock
+        self.name = name            # "127.0.0.1:50312", for the log
+        self.outbuf = bytearray()   # bytes received but not yet sent back
+        self.closing = False        # the client shut down its sending side: close once outbuf is sent
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_addr(addr):
+    """("::1", 7007, 0, 0) -> "[::1]:7007"; ("127.0.0.1", 7007) -> "127.0.0.1:7007"."""
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def default_max_clients():
+    """As many clients as select() can watch, and never more descriptors than we may open."""
+    limit = FD_SETSIZE
+    if resource:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, soft)
+    return max(1, limit - SPARE_FDS)
+
+
+def open_listener(host, port):
+    """Create, bind and listen: the first three steps of every TCP server."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    if os.name == "posix":
+        # Bind again at once after a restart, while old connections linger in TIME_WAIT.
+        # (On Windows this option lets two servers share a port, so we leave it off there.)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(addr)
+        listener.listen(BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
+
+
+def accept_client(listener, clients, max_clients):
+    """A readable listener means a connection is waiting to be accepted."""
+    try:
+        sock, addr = listener.accept()
+    except (BlockingIOError, ConnectionAbortedError):
+        return  # the caller gave up before we got to it
+    name = format_addr(addr)
+    # A descriptor that select() cannot watch would crash the loop: refuse it like a full house.
+    too_high = os.name == "posix" and sock.fileno() >= FD_SETSIZE
+    if len(clients) >= max_clients or too_high:
+        log(f"{name} refused: server full ({len(clients)} clients)")
+        sock.close()
+        return
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # echo small writes at once
+    clients[sock] = Client(sock, name)
+    log(f"{name} connected ({len(clients)} clients)")
+
+
+def drop_client(client, clients, why):
+    log(f"{client.name} {why}")
+    del clients[client.sock]
+    client.sock.close()
+
+
+def read_from(client, clients):
+    try:
+        data = client.sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        return  # select() said readable, but the data was gone; try again next turn
+    except OSError as err:  # ECONNRESET and friends: the client vanished
+        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        return
+    if not data:  # b"" means the client shut down its side: send what is left, then close
+        client.closing = True
+        if not client.outbuf:
+            drop_client(client, clients, "disconnected")
+        return
+    client.outbuf += data  # nothing is sent here: the socket gets its turn when writable
+
+
+def write_to(client, clients):
+    try:
+        sent = client.sock.send(client.outbuf)
+    except BlockingIOError:
+        return
+    except OSError as err:  # EPIPE, ECONNRESET: the client is gone
+        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        return
+    del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
+    if client.closing and not client.outbuf:
+        drop_client(client, clients, "disconnected")
+
+
+def serve(listener, max_clients):
+    clients = {}              # socket -> Client, for every open connection
+    accept_paused_until = 0.0
+    try:
+        while True:
+            # Ask only for what we can act on. Watching a socket for writability while
+            # we have nothing to send would wake us at once, every turn: 100% CPU.
+            now = time.monotonic()
+            accepting = now >= accept_paused_until
+            want_read = [listener] if accepting else []
+            # Backpressure: a client whose echo is piling up is not read until it drains.
+            # TCP then fills up and slows the sender down. Our memory stays flat.
+            want_read += [c.sock for c in clients.values()
+                          if not c.closing and len(c.outbuf) < OUTBUF_LIMIT]
+            want_write = [c.sock for c in clients.values() if c.outbuf]
+            timeout = IDLE_TIMEOUT if accepting else accept_paused_until - now
+
+            # The one place we wait. We don't use the third list (TCP urgent data).
+            readable, writable, _ = select.select(want_read, want_write, [], timeout)
+
+            for sock in readable:
+                if sock is listener:
+                    try:
+                        accept_client(listener, clients, max_clients)
+                    except OSError as err:
+                        # EMFILE and the like: out of descriptors. The connection stays queued
+                        # in the kernel, so the listener stays readable: pause, or we would spin.
+                        log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
+                        accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                elif sock in clients:  # skip a client dropped earlier in this pass
+                    read_from(clients[sock], clients)
+            # Writable means there is room in the kernel's send buffer, not that data arrived.
+            for sock in writable:
+                if sock in clients:
+                    write_to(clients[sock], clients)
+    finally:
+        for client in clients.values():
+            client.sock.close()
+
+
+def port_number(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535")
+    return port
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Step 1: an RFC 862 TCP echo server that serves many clients with one select() loop.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only; "
+                             "0.0.0.0 or :: opens the server to the network)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="TCP port (default: %(default)s; 0 picks a free port)")
+    parser.add_argument("--max-clients", type=positive_int, default=default_max_clients(),
+                        help="connections served at once; more are closed at once "
+                             "(default: %(default)s here, the most select() can watch)")
+    args = parser.parse_args(argv)
+
+    try:
+        listener = open_listener(args.host, args.port)
+    except socket.gaierror as err:
+        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        hint = " (is another server running? try another --port)" if err.errno == errno.EADDRINUSE else ""
+        where = format_addr((args.host, args.port))
+        print(f"error: cannot listen on {where}: {(err.strerror or str(err)).lower()}{hint}",
+              file=sys.stderr)
+        return 1
+
+    # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) do the same.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        print(f"echo server listening on {format_addr(listener.getsockname())}", flush=True)
+        log(f"serving up to {args.max_clients} clients at once")
+        serve(listener, args.max_clients)
+    except KeyboardInterrupt:
+        log("shutting down")
+    finally:
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
