@@ -603,5 +603,373 @@ class EchoClientTest(unittest.TestCase):
         no_traceback(self, client.read_to_end())
 
 
+# ---------------------------------------------------------------------------------------
+# Step 4: chat_server.py
+# ---------------------------------------------------------------------------------------
+
+WELCOME = b"Welcome to the chatroom!"
+
+
+class ChatServerTest(unittest.TestCase):
+
+    def setUp(self):
+        self.server = Server(self, "chat_server.py")
+
+    def join(self, server=None):
+        """Connect, read the welcome, and wait until everyone before us has seen us join."""
+        peer = Peer(self, (server or self.server).port)
+        self.assertEqual(peer.line(), WELCOME)
+        return peer
+
+    def room(self, n):
+        """n clients in the room; each has read every notice up to the last arrival."""
+        peers = []
+        for i in range(n):
+            newcomer = self.join()
+            for peer in peers:
+                self.assertEqual(peer.line(), f"* a user joined ({i + 1} online)".encode())
+            peers.append(newcomer)
+        return peers
+
+    def test_every_client_is_welcomed(self):
+        peer = Peer(self, self.server.port)
+        self.assertEqual(peer.line(), WELCOME)
+
+    def test_a_line_goes_to_every_other_client(self):
+        alice, bob, carol = self.room(3)
+        alice.send(b"Alice: hi all\n")
+        self.assertEqual(bob.line(), b"Alice: hi all")
+        self.assertEqual(carol.line(), b"Alice: hi all")
+
+    def test_sender_does_not_get_its_own_line(self):
+        alice, bob = self.room(2)
+        alice.send(b"Alice: one\n")
+        self.assertEqual(bob.line(), b"Alice: one")
+        bob.send(b"Bob: two\n")  # queued for alice after her own line, had it come back
+        self.assertEqual(alice.line(), b"Bob: two")
+
+    def test_a_line_sent_one_byte_at_a_time_is_relayed_once_whole(self):
+        alice, bob = self.room(2)
+        alice.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one byte, one segment
+        for byte in b"Alice: slowly, slowly\n":
+            alice.send(bytes([byte]))
+        self.assertEqual(bob.line(), b"Alice: slowly, slowly")
+        alice.send(b"Alice: next\n")
+        self.assertEqual(bob.line(), b"Alice: next")
+
+    def test_a_hundred_lines_in_one_send_are_relayed_one_by_one(self):
+        alice, bob = self.room(2)
+        alice.send(b"".join(b"line %d\n" % i for i in range(100)))
+        self.assertEqual([bob.line() for _ in range(100)], [b"line %d" % i for i in range(100)])
+
+    def test_carriage_return_before_newline_is_dropped(self):
+        alice, bob = self.room(2)
+        alice.send(b"from telnet\r\n")
+        self.assertEqual(bob.line(), b"from telnet")
+        self.assertEqual(bob.buf, b"")
+
+    def test_empty_lines_are_ignored(self):
+        alice, bob = self.room(2)
+        alice.send(b"\n\r\n\nsomething\n")
+        self.assertEqual(bob.line(), b"something")
+
+    def test_last_line_without_newline_is_delivered_when_the_sender_closes(self):
+        alice, bob = self.room(2)
+        alice.send(b"no newline")
+        alice.sock.close()
+        self.assertEqual(bob.line(), b"no newline")
+        self.assertEqual(bob.line(), b"* a user left (1 online)")
+
+    def test_last_line_without_newline_is_delivered_when_the_sender_half_closes(self):
+        alice, bob = self.room(2)
+        bob.send(b"for alice\n")
+        alice.send(b"bye")
+        alice.sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(bob.line(), b"bye")
+        self.assertEqual(bob.line(), b"* a user left (1 online)")
+        # alice still gets what was queued for her, then the server closes
+        self.assertEqual(alice.read_to_eof(), b"for alice\n")
+
+    def test_join_and_leave_notices_go_to_everyone_else_with_the_count(self):
+        alice, bob = self.room(2)  # alice saw "* a user joined (2 online)"
+        carol = self.join()
+        self.assertEqual(alice.line(), b"* a user joined (3 online)")
+        self.assertEqual(bob.line(), b"* a user joined (3 online)")
+        bob.sock.close()  # a clean close
+        self.assertEqual(alice.line(), b"* a user left (2 online)")
+        self.assertEqual(carol.line(), b"* a user left (2 online)")
+        carol.reset()  # a reset
+        self.assertEqual(alice.line(), b"* a user left (1 online)")
+        self.assertEqual(alice.buf, b"")
+
+    def test_no_line_is_lost_duplicated_or_reordered_with_20_clients_sending_at_once(self):
+        clients, lines_each = 20, 200
+        peers = self.room(clients)
+        outbufs = {p.sock: b"".join(b"c%02d %04d\n" % (i, n) for n in range(lines_each))
+                   for i, p in enumerate(peers)}
+        received = {p.sock: [] for p in peers}
+        expected_total = (clients - 1) * lines_each
+        for peer in peers:
+            peer.sock.setblocking(False)
+        end = time.monotonic() + WAIT
+        while any(len(got) < expected_total for got in received.values()):
+            self.assertLess(time.monotonic(), end, "lines went missing")
+            pending = [s for s, out in outbufs.items() if out]
+            readable, writable, _ = select.select(list(received), pending, [], 1)
+            for sock in writable:
+                sent = sock.send(outbufs[sock])
+                outbufs[sock] = outbufs[sock][sent:]
+            for sock in readable:
+                peer = next(p for p in peers if p.sock is sock)
+                peer.buf += sock.recv(65536)
+                *lines, rest = peer.buf.split(b"\n")
+                peer.buf[:] = rest
+                received[sock] += lines
+        for i, peer in enumerate(peers):
+            got = received[peer.sock]
+            self.assertEqual(len(got), expected_total, f"client {i}")
+            for j in range(clients):
+                from_j = [line for line in got if line.startswith(b"c%02d " % j)]
+                expected = [] if i == j else [b"c%02d %04d" % (j, n) for n in range(lines_each)]
+                self.assertEqual(from_j, expected, f"lines from client {j} at client {i}")
+
+    def test_line_over_the_limit_gets_an_error_and_a_disconnect(self):
+        alice, bob = self.room(2)
+        alice.send(b"x" * 5000 + b"\n")
+        self.assertEqual(alice.line(), b"error: line too long (limit 4096 bytes)")
+        self.assertEqual(alice.read_to_eof(), b"")
+        self.assertEqual(bob.line(), b"* a user left (1 online)")
+        self.assertIsNone(self.server.popen.poll())
+
+    def test_line_over_the_limit_without_a_newline_gets_an_error_too(self):
+        alice, bob = self.room(2)
+        alice.send(b"y" * 100000)
+        self.assertEqual(alice.line(), b"error: line too long (limit 4096 bytes)")
+        self.assertEqual(bob.line(), b"* a user left (1 online)")
+
+    def test_lines_up_to_the_limit_pass_intact(self):
+        alice, bob = self.room(2)
+        for size in (4000, 4096):
+            line = bytes(ord("0") + i % 10 for i in range(size))
+            alice.send(line + b"\r\n")
+            self.assertEqual(bob.line(), line)
+
+    def test_invalid_utf8_and_binary_are_relayed_as_they_are(self):
+        alice, bob = self.room(2)
+        garbage = bytes(range(256)).replace(b"\n", b"").replace(b"\r", b"") + b"\xff\xfe\xc3("
+        alice.send(garbage + b"\n")
+        self.assertEqual(bob.line(), garbage)
+        alice.send(b"still fine\n")
+        self.assertEqual(bob.line(), b"still fine")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_client_that_never_reads_is_dropped_and_the_others_get_everything(self):
+        alice, bob, stuck = self.room(3)  # stuck never reads again
+        lines = 30000  # 30 MB in lines of 1000 bytes
+        flood = b"".join(b"%06d " % n + b"z" * 992 + b"\n" for n in range(lines))
+        alice.sock.setblocking(False)
+        bob.sock.setblocking(False)
+        sent, got, end = 0, [], time.monotonic() + 2 * WAIT
+        while len(got) < lines + 1:
+            self.assertLess(time.monotonic(), end, f"bob has only {len(got)} lines")
+            readable, writable, _ = select.select([bob.sock], [alice.sock] if sent < len(flood) else [], [], 1)
+            if writable:
+                sent += alice.sock.send(flood[sent:sent + 256 * 1024])
+            if readable:
+                bob.buf += bob.sock.recv(1 << 20)
+                *new, rest = bob.buf.split(b"\n")
+                bob.buf[:] = rest
+                got += new
+        self.assertIn(b"* a user left (2 online)", got)
+        got.remove(b"* a user left (2 online)")
+        self.assertEqual(got, flood.split(b"\n")[:-1])
+        self.assertIn("dropped: too slow", self.server.stderr())
+        self.assertLess(peak_rss_mb(self.server.pid), 80)
+
+    def test_connections_beyond_max_clients_are_told_the_server_is_full(self):
+        server = Server(self, "chat_server.py", "--max-clients", "2")
+        alice, bob = self.join(server), self.join(server)
+        extra = Peer(self, server.port)
+        self.assertEqual(extra.read_to_eof(), b"error: server full, try again later\n")
+        bob.send(b"still here\n")
+        self.assertEqual(alice.line(), b"* a user joined (2 online)")
+        self.assertEqual(alice.line(), b"still here")
+
+    def test_lines_are_not_held_back_by_nagles_algorithm(self):
+        # Nagle's algorithm holds a small write while an earlier one is unacknowledged, and a
+        # client that also talks delays its acknowledgements (about 40 ms on Linux). Without
+        # TCP_NODELAY on the server's sockets, "two" below waits for that acknowledgement.
+        alice, bob = self.room(2)
+        for peer in (alice, bob):
+            peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        delays = []
+        for _ in range(10):
+            alice.send(b"one\n")
+            self.assertEqual(bob.line(), b"one")
+            start = time.perf_counter()
+            alice.send(b"two\n")
+            self.assertEqual(bob.line(), b"two")
+            delays.append(time.perf_counter() - start)
+            bob.send(b"reply\n")
+            self.assertEqual(alice.line(), b"reply")
+        delays.sort()
+        self.assertLess(delays[len(delays) // 2], 0.02, f"median delay {delays[5] * 1000:.1f} ms")
+
+    def test_sigint_and_sigterm_exit_0_without_a_traceback(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=sig.name):
+                server = Server(self, "chat_server.py")
+                peer = self.join(server)
+                self.assertEqual(server.stop(sig), 0)
+                self.assertEqual(peer.read_to_eof(), b"")
+                no_traceback(self, server.stderr())
+
+    def test_port_in_use_is_a_one_line_error_and_exit_1(self):
+        second = Proc(self, "chat_server.py", "--port", str(self.server.port))
+        self.assertEqual(second.wait(), 1)
+        error = second.stderr()
+        self.assertEqual(error.count("\n"), 1, error)
+        self.assertIn(f"error: cannot listen on 127.0.0.1:{self.server.port}: address already in use", error)
+
+    def test_restart_right_after_a_stop_gets_the_same_port(self):
+        self.join()
+        self.assertEqual(self.server.stop(), 0)
+        again = Proc(self, "chat_server.py", "--port", str(self.server.port))
+        again.expect(f"chat server listening on 127.0.0.1:{self.server.port}\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Step 3: chat_client.py
+# ---------------------------------------------------------------------------------------
+
+class ChatClientTest(unittest.TestCase):
+
+    def setUp(self):
+        self.server = Server(self, "chat_server.py")
+        self.other = Peer(self, self.server.port)  # someone already in the room
+        self.assertEqual(self.other.line(), WELCOME)
+
+    def client(self, *args, tty=False, server=None):
+        port = (server or self.server).port
+        return Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(port), *args, tty=tty)
+
+    def joined(self, client):
+        client.expect("Welcome to the chatroom!\n")
+        self.assertEqual(self.other.line(), b"* a user joined (2 online)")
+
+    def test_a_typed_line_is_sent_with_the_name_and_printed(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        client.type("Hi\n")
+        self.assertEqual(self.other.line(), b"John: Hi")
+        client.expect("John: Hi\n")
+
+    def test_received_lines_are_printed_whole(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        self.other.send(b"Jane: hel")
+        self.other.send(b"lo John\nJane: and a second line\n")
+        client.expect("Jane: and a second line\n")
+        self.assertIn("Jane: hello John\nJane: and a second line\n", client.output)
+
+    def test_name_is_asked_again_until_it_is_not_empty(self):
+        client = self.client()
+        client.type("\n   \nJohn\nHi\n")
+        self.assertEqual(self.other.line(), b"* a user joined (2 online)")
+        self.assertEqual(self.other.line(), b"John: Hi")
+        client.expect("John: Hi\n")
+        self.assertTrue(client.output.startswith("name: name: name: "), client.output)
+
+    def test_empty_lines_are_not_sent(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        client.type("\n\nafter blanks\n")
+        self.assertEqual(self.other.line(), b"John: after blanks")
+
+    def test_quit_and_exit_end_it_and_what_was_typed_before_still_goes(self):
+        for word in ("quit", " EXIT "):
+            with self.subTest(word=word):
+                client = self.client("--name", "John")
+                client.type(f"before {word.strip()}\n{word}\nafter\n")
+                self.assertEqual(client.wait(), 0)
+                self.assertEqual([self.other.line() for _ in range(3)],
+                                 [b"* a user joined (2 online)", f"John: before {word.strip()}".encode(),
+                                  b"* a user left (1 online)"])
+
+    def test_end_of_input_ends_it_and_an_unfinished_last_line_still_goes(self):
+        client = self.client("--name", "John")
+        client.type("one\ntwo")
+        client.close_stdin()
+        self.assertEqual(client.wait(), 0)
+        self.assertEqual(self.other.line(), b"* a user joined (2 online)")
+        self.assertEqual(self.other.line(), b"John: one")
+        self.assertEqual(self.other.line(), b"John: two")
+
+    def test_server_that_goes_away_is_reported_and_exit_1(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        self.assertEqual(self.server.stop(), 0)
+        self.assertEqual(client.wait(), 1)
+        self.assertEqual(client.stderr(), "server closed the connection\n")
+
+    def test_against_the_echo_server_you_see_your_own_line_twice(self):
+        echo = Server(self, "echo_server.py")
+        client = self.client("--name", "John", server=echo)
+        client.type("Hi\n")
+        client.expect("John: Hi\nJohn: Hi\n")
+        client.type("quit\n")
+        self.assertEqual(client.wait(), 0)
+
+    def test_control_characters_from_the_network_are_shown_not_obeyed(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        self.other.send(b"\x1b[2J\x1b]0;pwned\x07\n")     # clear screen, retitle window, bell
+        self.other.send("\u009b31mC1 too\tand a tab\n".encode())  # CSI as one C1 character
+        self.other.send(b"bad \xff utf-8\n")
+        client.expect("utf-8\n")
+        self.assertIn("\\x1b[2J\\x1b]0;pwned\\x07\n", client.output)
+        self.assertIn("\\x9b31mC1 too\tand a tab\n", client.output)
+        self.assertIn("bad \ufffd utf-8\n", client.output)
+        for raw in (b"\x1b", b"\x07", b"\xc2\x9b"):
+            self.assertNotIn(raw, client.raw)
+
+    def test_no_server_is_a_one_line_error_naming_host_and_port(self):
+        port = free_port()
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(port), "--name", "J")
+        self.assertEqual(client.wait(), 1)
+        self.assertEqual(client.stderr(), f"error: cannot connect to 127.0.0.1:{port}: "
+                                          "connection refused (is the server running?)\n")
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_it_chats_and_ctrl_c_ends_it_cleanly(self):
+        client = self.client(tty=True)
+        client.expect("name: ")
+        client.type("John\r")
+        self.joined(client)
+        client.type("Hi\r")
+        self.assertEqual(self.other.line(), b"John: Hi")
+        self.other.send(b"Jane: hello John\n")
+        client.expect("Jane: hello John\n")
+        client.type("\x03")  # Ctrl-C
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.read_to_end())
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_ctrl_c_at_the_name_prompt_ends_it_cleanly(self):
+        client = self.client(tty=True)
+        client.expect("name: ")
+        client.type("\x03")
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.read_to_end())
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_quit_ends_it(self):
+        client = self.client("--name", "John", tty=True)
+        self.joined(client)
+        client.type("quit\r")
+        self.assertEqual(client.wait(), 0)
+        self.assertEqual(self.other.line(), b"* a user left (1 online)")
+
+
 if __name__ == "__main__":
     unittest.main()
