@@ -108,7 +108,7 @@ def accept_client(listener, clients, max_clients):
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # echo small writes at once
     clients[sock] = Client(sock, name)
-    log(f"{name} connected ({len(clients)} clients)")
+    log(f"{name} connected ({len(clients)} online)")
 
 
 def drop_client(client, clients, why):

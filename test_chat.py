@@ -374,7 +374,7 @@ class EchoServerTest(unittest.TestCase):
         self.addCleanup(writer.wait)
         self.addCleanup(writer.kill)
         self.assertEqual(writer.stdout.readline(), b"connected\n")
-        self.server.wait_for_log("(2 clients)")
+        self.server.wait_for_log("(2 online)")
         writer.kill()
         wait_until(lambda: self.server.stderr().count("dropped") + self.server.stderr().count(
             "disconnected") >= 1, "the killed client to be dropped")
