@@ -135,22 +135,17 @@ def format_addr(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def port_number(text):
-    port = int(text)
-    if not 0 < port <= 65535:
-        raise argparse.ArgumentTypeError("must be from 1 to 65535")
-    return port
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Step 3: a chat client. Type a line to send it; quit, exit or Ctrl-D leaves.")
     parser.add_argument("--host", default="localhost",
                         help="server to connect to (default: %(default)s)")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="server's TCP port (default: %(default)s)")
     parser.add_argument("--name", help="the name put before your lines (asked if not given)")
     args = parser.parse_args(argv)
+    if not 0 < args.port <= 65535:
+        parser.error("--port must be from 1 to 65535")
 
     if os.name == "nt":
         print("error: on Windows, select() cannot watch the keyboard; "

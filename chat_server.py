@@ -36,6 +36,7 @@ RECV_SIZE = 64 * 1024       # one recv() per ready socket: many lines are handle
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
 OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
+ACCEPT_BATCH = 64           # connections accepted per turn at most, so clients are served meanwhile
 ACCEPT_PAUSE = 0.5          # seconds to stop accepting after accept() fails, e.g. out of descriptors
 # select() can only watch descriptors numbered below FD_SETSIZE: 1024 on Linux and macOS.
 # (Windows counts sockets instead, 512 of them.)
@@ -89,12 +90,8 @@ def open_listener(host, port):
         # Bind again at once after a restart, while old connections linger in TIME_WAIT.
         # (On Windows this option lets two servers share a port, so we leave it off there.)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind(addr)
-        listener.listen(BACKLOG)
-    except OSError:
-        listener.close()
-        raise
+    listener.bind(addr)  # on error, the caller reports it and exits
+    listener.listen(BACKLOG)
     listener.setblocking(False)
     return listener
 
@@ -112,31 +109,39 @@ def broadcast(data, clients, sender=None):
             client.outbuf += data
 
 
-def accept_client(listener, clients, max_clients):
-    """A readable listener means a connection is waiting to be accepted."""
-    try:
-        sock, addr = listener.accept()
-    except (BlockingIOError, ConnectionAbortedError):
-        return  # the caller gave up before we got to it
-    name = format_addr(addr)
-    # A descriptor that select() cannot watch would crash the loop: refuse it like a full house.
-    too_high = os.name == "posix" and sock.fileno() >= FD_SETSIZE
-    if len(clients) >= max_clients or too_high:
-        log(f"{name} refused: server full ({len(clients)} clients)")
+def select_can_watch(sock, clients):
+    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
+    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
+    if os.name == "nt":
+        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
+    return sock.fileno() < FD_SETSIZE
+
+
+def accept_clients(listener, clients, max_clients):
+    """A readable listener means connections are waiting. We take up to ACCEPT_BATCH of
+    them, so a burst of arrivals costs one turn of the loop, not one turn each."""
+    for _ in range(ACCEPT_BATCH):
         try:
-            sock.send(SERVER_FULL)  # a new socket's send buffer is empty, so this short line fits
-        except OSError:
-            pass
-        sock.close()
-        return
-    sock.setblocking(False)
-    # Send each line at once. Nagle's algorithm would hold a small write back until the
-    # previous one is acknowledged, which can add tens of milliseconds to a chat line.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client = clients[sock] = Client(sock, name)
-    client.outbuf += WELCOME
-    broadcast(f"* a user joined ({online(clients)} online)\n".encode(), clients, sender=client)
-    log(f"{name} connected ({online(clients)} online)")
+            sock, addr = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return  # none left, or one gave up while it waited
+        sock.setblocking(False)
+        name = format_addr(addr)
+        if len(clients) >= max_clients or not select_can_watch(sock, clients):
+            log(f"{name} refused: server full ({len(clients)} online)")
+            try:
+                sock.send(SERVER_FULL)  # a new socket's send buffer is empty: this short line fits
+            except OSError:
+                pass
+            sock.close()
+            continue
+        # Send each line at once. Nagle's algorithm would hold a small write back until the
+        # previous one is acknowledged, which can add tens of milliseconds to a chat line.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = clients[sock] = Client(sock, name)
+        client.outbuf += WELCOME
+        broadcast(f"* a user joined ({online(clients)} online)\n".encode(), clients, sender=client)
+        log(f"{name} connected ({online(clients)} online)")
 
 
 def leave_room(client, clients, why):
@@ -239,12 +244,11 @@ def serve(listener, max_clients):
         while True:
             # Ask only for what we can act on. Watching a socket for writability while
             # we have nothing to send would wake us at once, every turn: 100% CPU.
-            now = time.monotonic()
-            accepting = now >= accept_paused_until
+            accepting = time.monotonic() >= accept_paused_until
             want_read = [listener] if accepting else []
             want_read += [c.sock for c in clients.values() if not c.closing]
             want_write = [c.sock for c in clients.values() if c.outbuf]
-            timeout = IDLE_TIMEOUT if accepting else accept_paused_until - now
+            timeout = IDLE_TIMEOUT if accepting else ACCEPT_PAUSE
 
             # The one place we wait. We don't use the third list (TCP urgent data).
             readable, writable, _ = select.select(want_read, want_write, [], timeout)
@@ -252,7 +256,7 @@ def serve(listener, max_clients):
             for sock in readable:
                 if sock is listener:
                     try:
-                        accept_client(listener, clients, max_clients)
+                        accept_clients(listener, clients, max_clients)
                     except OSError as err:
                         # EMFILE and the like: out of descriptors. The connection stays queued
                         # in the kernel, so the listener stays readable: pause, or we would spin.
@@ -270,20 +274,6 @@ def serve(listener, max_clients):
             client.sock.close()
 
 
-def port_number(text):
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError("must be from 0 to 65535")
-    return port
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Step 4: a chat server that relays each line to every other client, "
@@ -291,12 +281,16 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; "
                              "0.0.0.0 or :: opens the server to the network)")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="TCP port (default: %(default)s; 0 picks a free port)")
-    parser.add_argument("--max-clients", type=positive_int, default=default_max_clients(),
+    parser.add_argument("--max-clients", type=int, default=default_max_clients(),
                         help="connections served at once; more are told the server is full "
                              "(default: %(default)s here, the most select() can watch)")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    if args.max_clients < 1:
+        parser.error("--max-clients must be at least 1")
 
     try:
         listener = open_listener(args.host, args.port)

@@ -88,22 +88,17 @@ def talk(sock):
         print(f"recv: {echoed}", flush=True)
 
 
-def port_number(text):
-    port = int(text)
-    if not 0 < port <= 65535:
-        raise argparse.ArgumentTypeError("must be from 1 to 65535")
-    return port
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Step 2: send lines to an echo server and print what comes back. "
                     "Type quit or exit (or press Ctrl-D) to leave.")
     parser.add_argument("--host", default="localhost",
                         help="server to connect to (default: %(default)s)")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="server's TCP port (default: %(default)s)")
     args = parser.parse_args(argv)
+    if not 0 < args.port <= 65535:
+        parser.error("--port must be from 1 to 65535")
 
     where = format_addr(args.host, args.port)
     try:

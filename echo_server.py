@@ -4,17 +4,13 @@
 Run it:      python echo_server.py             then, in another terminal: nc localhost 7007
 Options:     python echo_server.py --help
 
-Every byte a client sends comes back to that client, unchanged and in order: text or
-binary, with or without newlines, any amount. One thread serves everyone. The loop asks
-select.select() which sockets are ready, and touches only those, so no call in the loop
-ever waits on one client while the others wait on it.
+Every byte a client sends comes back to that client, unchanged and in order. One thread
+serves everyone: the loop asks select.select() which sockets are ready and touches only
+those, so no call in the loop waits on one client while the others wait on it.
 
-What to notice: non-blocking sockets; a per-client output buffer, because send() may take
-only part of what we give it; backpressure (we stop reading from a client that does not
-read its echo); half-close; and select()'s FD_SETSIZE ceiling.
-
-What it leaves out on purpose: idle timeouts (an idle client keeps its slot until it
-leaves), the UDP half of RFC 862, and TLS.
+It shows non-blocking sockets, an output buffer per client (send() may take only part of
+what we give it), backpressure, half-close, and select()'s FD_SETSIZE ceiling. It leaves
+out idle timeouts (an idle client keeps its slot), the UDP half of RFC 862, and TLS.
 """
 import argparse
 import errno
@@ -34,6 +30,7 @@ DEFAULT_PORT = 7007         # the challenge's port; RFC 862's port 7 would need 
 RECV_SIZE = 64 * 1024       # one recv() per ready socket: big enough to move bulk data quickly
 OUTBUF_LIMIT = 256 * 1024   # stop reading a client whose unsent echo passes this (backpressure)
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
+ACCEPT_BATCH = 64           # connections accepted per turn at most, so clients are served meanwhile
 ACCEPT_PAUSE = 0.5          # seconds to stop accepting after accept() fails, e.g. out of descriptors
 # select() can only watch descriptors numbered below FD_SETSIZE: 1024 on Linux and macOS.
 # (Windows counts sockets instead, 512 of them.)
@@ -82,39 +79,43 @@ def open_listener(host, port):
         # Bind again at once after a restart, while old connections linger in TIME_WAIT.
         # (On Windows this option lets two servers share a port, so we leave it off there.)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind(addr)
-        listener.listen(BACKLOG)
-    except OSError:
-        listener.close()
-        raise
+    listener.bind(addr)  # on error, the caller reports it and exits
+    listener.listen(BACKLOG)
     listener.setblocking(False)
     return listener
 
 
-def accept_client(listener, clients, max_clients):
-    """A readable listener means a connection is waiting to be accepted."""
-    try:
-        sock, addr = listener.accept()
-    except (BlockingIOError, ConnectionAbortedError):
-        return  # the caller gave up before we got to it
-    name = format_addr(addr)
-    # A descriptor that select() cannot watch would crash the loop: refuse it like a full house.
-    too_high = os.name == "posix" and sock.fileno() >= FD_SETSIZE
-    if len(clients) >= max_clients or too_high:
-        log(f"{name} refused: server full ({len(clients)} clients)")
-        sock.close()
-        return
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # echo small writes at once
-    clients[sock] = Client(sock, name)
-    log(f"{name} connected ({len(clients)} online)")
+def select_can_watch(sock, clients):
+    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
+    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
+    if os.name == "nt":
+        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
+    return sock.fileno() < FD_SETSIZE
+
+
+def accept_clients(listener, clients, max_clients):
+    """A readable listener means connections are waiting. We take up to ACCEPT_BATCH of
+    them, so a burst of arrivals costs one turn of the loop, not one turn each."""
+    for _ in range(ACCEPT_BATCH):
+        try:
+            sock, addr = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return  # none left, or one gave up while it waited
+        sock.setblocking(False)
+        name = format_addr(addr)
+        if len(clients) >= max_clients or not select_can_watch(sock, clients):
+            log(f"{name} refused: server full ({len(clients)} online)")
+            sock.close()
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # echo small writes at once
+        clients[sock] = Client(sock, name)
+        log(f"{name} connected ({len(clients)} online)")
 
 
 def drop_client(client, clients, why):
-    log(f"{client.name} {why}")
     del clients[client.sock]
     client.sock.close()
+    log(f"{client.name} {why} ({len(clients)} online)")
 
 
 def read_from(client, clients):
@@ -153,15 +154,14 @@ def serve(listener, max_clients):
         while True:
             # Ask only for what we can act on. Watching a socket for writability while
             # we have nothing to send would wake us at once, every turn: 100% CPU.
-            now = time.monotonic()
-            accepting = now >= accept_paused_until
+            accepting = time.monotonic() >= accept_paused_until
             want_read = [listener] if accepting else []
             # Backpressure: a client whose echo is piling up is not read until it drains.
             # TCP then fills up and slows the sender down. Our memory stays flat.
             want_read += [c.sock for c in clients.values()
                           if not c.closing and len(c.outbuf) < OUTBUF_LIMIT]
             want_write = [c.sock for c in clients.values() if c.outbuf]
-            timeout = IDLE_TIMEOUT if accepting else accept_paused_until - now
+            timeout = IDLE_TIMEOUT if accepting else ACCEPT_PAUSE
 
             # The one place we wait. We don't use the third list (TCP urgent data).
             readable, writable, _ = select.select(want_read, want_write, [], timeout)
@@ -169,7 +169,7 @@ def serve(listener, max_clients):
             for sock in readable:
                 if sock is listener:
                     try:
-                        accept_client(listener, clients, max_clients)
+                        accept_clients(listener, clients, max_clients)
                     except OSError as err:
                         # EMFILE and the like: out of descriptors. The connection stays queued
                         # in the kernel, so the listener stays readable: pause, or we would spin.
@@ -186,32 +186,22 @@ def serve(listener, max_clients):
             client.sock.close()
 
 
-def port_number(text):
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError("must be from 0 to 65535")
-    return port
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Step 1: an RFC 862 TCP echo server that serves many clients with one select() loop.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; "
                              "0.0.0.0 or :: opens the server to the network)")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="TCP port (default: %(default)s; 0 picks a free port)")
-    parser.add_argument("--max-clients", type=positive_int, default=default_max_clients(),
+    parser.add_argument("--max-clients", type=int, default=default_max_clients(),
                         help="connections served at once; more are closed at once "
                              "(default: %(default)s here, the most select() can watch)")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    if args.max_clients < 1:
+        parser.error("--max-clients must be at least 1")
 
     try:
         listener = open_listener(args.host, args.port)

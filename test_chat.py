@@ -231,14 +231,6 @@ class Peer:
         data, self.buf[:] = bytes(self.buf), b""
         return data
 
-    def is_refused(self):
-        """True if the server closed this connection, False if it echoes a byte back."""
-        try:
-            self.sock.sendall(b"?")
-            return self.sock.recv(1) == b""
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-
     def reset(self):
         """Close with an RST instead of a FIN, as a crashed or killed peer may."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -434,18 +426,24 @@ class EchoServerTest(unittest.TestCase):
         self.assertEqual(self.echo(Peer(self, server.port, host="::1"), b"v6"), b"v6")
 
 
-@unittest.skipUnless(resource and sys.platform.startswith("linux"), "needs descriptor limits and /proc")
-class EchoServerCapacityTest(unittest.TestCase):
+class CapacityTests:
     """select() cannot watch descriptors of FD_SETSIZE (1024) or more, and a process may
-    run out of descriptors before that. The server must survive both."""
+    run out of descriptors before that. A server must survive both. Mixed into one test
+    class per server, which says how to tell a served connection from a refused one."""
+    script = None
 
     @classmethod
     def setUpClass(cls):
+        if not (resource and sys.platform.startswith("linux")):
+            raise unittest.SkipTest("needs descriptor limits and /proc")
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < 2500:
             if hard != resource.RLIM_INFINITY and hard < 2500:
                 raise unittest.SkipTest("this test needs 2500 open files")
             resource.setrlimit(resource.RLIMIT_NOFILE, (2500, hard))
+
+    def is_refused(self, peer):
+        raise NotImplementedError
 
     def connect_many(self, port, n):
         return [Peer(self, port) for _ in range(n)]
@@ -455,39 +453,37 @@ class EchoServerCapacityTest(unittest.TestCase):
         return int(re.search(r"serving up to (\d+) clients", server.stderr()).group(1))
 
     def test_1100_connections_in_a_row_fill_the_default_limit_and_the_rest_are_refused(self):
-        server = Server(self, "echo_server.py")
+        server = Server(self, self.script)
         limit = self.served_limit(server)
         self.assertTrue(900 <= limit <= 1024 - 4, f"default --max-clients is {limit}")
         peers = self.connect_many(server.port, 1100)
-        refused = [peer.is_refused() for peer in peers]
+        refused = [self.is_refused(peer) for peer in peers]
         self.assertEqual(refused.count(False), limit)
         self.assertEqual(refused[:limit], [False] * limit)  # first come, first served
         for peer in peers:
             peer.sock.close()
-        wait_until(lambda: server.stderr().count("disconnected") == limit, "every client to leave")
-        self.assertFalse(Peer(self, server.port).is_refused())
+        server.wait_for_log("(0 online)")  # every client has left
+        self.assertFalse(self.is_refused(Peer(self, server.port)))
         self.assertIsNone(server.popen.poll())
 
     def test_a_max_clients_above_fd_setsize_cannot_crash_select(self):
-        server = Server(self, "echo_server.py", "--max-clients", "5000")
+        server = Server(self, self.script, "--max-clients", "5000")
         peers = self.connect_many(server.port, 1100)
-        refused = [peer.is_refused() for peer in peers]
+        refused = [self.is_refused(peer) for peer in peers]
         self.assertGreater(refused.count(True), 0)
         self.assertLess(refused.count(False), 1024)
         self.assertIsNone(server.popen.poll(), "the server died")
-        self.assertFalse(peers[0].is_refused())
 
     def test_default_limit_stays_under_the_descriptor_limit(self):
-        server = Server(self, "echo_server.py", preexec_fn=limit_open_files(100))
+        server = Server(self, self.script, preexec_fn=limit_open_files(100))
         limit = self.served_limit(server)
         self.assertLess(limit, 100)
-        refused = [peer.is_refused() for peer in self.connect_many(server.port, limit + 20)]
+        refused = [self.is_refused(peer) for peer in self.connect_many(server.port, limit + 20)]
         self.assertEqual(refused.count(False), limit)
         self.assertNotIn("cannot accept", server.stderr())
 
     def test_running_out_of_descriptors_is_logged_and_survived_without_spinning(self):
-        server = Server(self, "echo_server.py", "--max-clients", "500",
-                        preexec_fn=limit_open_files(40))
+        server = Server(self, self.script, "--max-clients", "500", preexec_fn=limit_open_files(40))
         peers = self.connect_many(server.port, 60)
         server.wait_for_log("cannot accept: Too many open files")
         before = cpu_seconds(server.pid)
@@ -496,7 +492,19 @@ class EchoServerCapacityTest(unittest.TestCase):
         for peer in peers[:30]:  # free some descriptors: the queued connections get in
             peer.sock.close()
         for peer in peers[30:]:
-            self.assertFalse(peer.is_refused())
+            self.assertFalse(self.is_refused(peer))
+
+
+class EchoServerCapacityTest(CapacityTests, unittest.TestCase):
+    script = "echo_server.py"
+
+    def is_refused(self, peer):
+        """True if the server closed this connection, False if it echoes a byte back."""
+        try:
+            peer.send(b"?")
+            return peer.sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -836,6 +844,16 @@ class ChatServerTest(unittest.TestCase):
         self.assertEqual(self.server.stop(), 0)
         again = Proc(self, "chat_server.py", "--port", str(self.server.port))
         again.expect(f"chat server listening on 127.0.0.1:{self.server.port}\n")
+
+
+class ChatServerCapacityTest(CapacityTests, unittest.TestCase):
+    script = "chat_server.py"
+
+    def is_refused(self, peer):
+        """True if the server says it is full, False if it welcomes us."""
+        line = peer.line()
+        self.assertIn(line, (WELCOME, b"error: server full, try again later"))
+        return line != WELCOME
 
 
 # ---------------------------------------------------------------------------------------
