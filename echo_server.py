@@ -32,9 +32,7 @@ OUTBUF_LIMIT = 256 * 1024   # stop reading a client whose unsent echo passes thi
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 ACCEPT_BATCH = 64           # connections accepted per turn at most, so clients are served meanwhile
 ACCEPT_PAUSE = 0.5          # seconds to stop accepting after accept() fails, e.g. out of descriptors
-# select() can only watch descriptors numbered below FD_SETSIZE: 1024 on Linux and macOS.
-# (Windows counts sockets instead, 512 of them.)
-FD_SETSIZE = 512 if os.name == "nt" else 1024
+FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
 SPARE_FDS = 24              # descriptors kept back for stdin/out/err, the listener and Python itself
 # On Windows, Ctrl-C cannot interrupt a select() that waits forever, so we wake up now and then.
 IDLE_TIMEOUT = 1.0 if os.name == "nt" else None
@@ -209,10 +207,9 @@ def main(argv=None):
         print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
         return 1
     except OSError as err:
-        hint = " (is another server running? try another --port)" if err.errno == errno.EADDRINUSE else ""
-        where = format_addr((args.host, args.port))
-        print(f"error: cannot listen on {where}: {(err.strerror or str(err)).lower()}{hint}",
-              file=sys.stderr)
+        hint = " (is another server running?)" if err.errno == errno.EADDRINUSE else ""
+        print(f"error: cannot listen on {format_addr((args.host, args.port))}: "
+              f"{(err.strerror or str(err)).lower()}{hint}", file=sys.stderr)
         return 1
 
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) do the same.
