@@ -42,6 +42,10 @@ CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
 MAKE_VISIBLE = {code: f"\\x{code:02x}" for code in CONTROLS}
 
 
+def format_addr(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def harmless(raw):
     """Decode bytes from the network and make them safe to print."""
     return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
@@ -72,6 +76,46 @@ def ask_name(stdin):
             return name
 
 
+def show_received(sock, inbuf):
+    """Read what the server sent and print every complete line. False once it has closed."""
+    try:
+        data = sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        return True  # select() said readable, but the data was gone
+    except OSError:  # ECONNRESET: the server vanished
+        data = b""
+    if not data:  # b"": the server closed the connection
+        if inbuf:  # an unfinished last line
+            print(harmless(inbuf), flush=True)
+        return False
+    inbuf += data
+    for line in split_lines(inbuf):
+        print(harmless(line), flush=True)
+    if len(inbuf) > LINE_LIMIT:  # no newline in sight: print it in pieces, keep memory bounded
+        print(harmless(inbuf), flush=True)
+        inbuf.clear()
+    return True
+
+
+def read_keyboard(stdin, typed, name, outbuf):
+    """Queue each typed line as "name: line". False after quit, exit or end of input."""
+    # os.read(), not sys.stdin: sys.stdin reads ahead into a buffer that select() cannot see.
+    data = os.read(stdin, RECV_SIZE)
+    typed += data
+    lines = split_lines(typed)
+    if not data:  # end of input (Ctrl-D): an unfinished last line still counts
+        lines.append(bytes(typed))
+    for line in lines:
+        text = line.decode("utf-8", errors="replace")
+        if text.strip().lower() in QUIT_WORDS:
+            return False
+        if text:  # empty lines are not sent
+            message = f"{name}: {text}"
+            print(message, flush=True)
+            outbuf += message.encode("utf-8") + b"\n"
+    return bool(data)
+
+
 def chat(sock, name, stdin):
     """The select loop. Returns the exit status."""
     typed = bytearray()      # keyboard bytes whose "\n" has not arrived yet
@@ -79,60 +123,24 @@ def chat(sock, name, stdin):
     outbuf = bytearray()     # our lines that the kernel has not taken yet
     typing = True            # False after quit or end of input: send what is queued, then leave
     while typing or outbuf:
+        # One wait for both: a line from the server can arrive while we type.
         want_read = [sock, stdin] if typing else [sock]
         readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
-
-        if sock in readable:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError:  # ECONNRESET: the server vanished
-                data = b""
-            if data == b"":  # the server closed the connection
-                if inbuf:
-                    print(harmless(inbuf), flush=True)
-                print("server closed the connection", file=sys.stderr)
-                return 1
-            if data:
-                inbuf += data
-                for line in split_lines(inbuf):
-                    print(harmless(line), flush=True)
-                if len(inbuf) > LINE_LIMIT:
-                    print(harmless(inbuf), flush=True)
-                    inbuf.clear()
-
+        if sock in readable and not show_received(sock, inbuf):
+            print("server closed the connection", file=sys.stderr)
+            return 1
         if stdin in readable:
-            data = os.read(stdin, RECV_SIZE)  # not sys.stdin: its buffer would hide lines from select()
-            typed += data
-            lines = split_lines(typed)
-            if not data:  # end of input (Ctrl-D): an unfinished last line still counts
-                lines.append(bytes(typed))
-                typing = False
-            for line in lines:
-                text = line.decode("utf-8", errors="replace")
-                if text.strip().lower() in QUIT_WORDS:
-                    typing = False
-                    break
-                if text:
-                    message = f"{name}: {text}"
-                    print(message, flush=True)
-                    outbuf += message.encode("utf-8") + b"\n"
-
+            typing = read_keyboard(stdin, typed, name, outbuf)
         if sock in writable:
             try:
                 sent = sock.send(outbuf)
             except BlockingIOError:
                 sent = 0
-            except OSError:
+            except OSError:  # EPIPE, ECONNRESET
                 print("server closed the connection", file=sys.stderr)
                 return 1
             del outbuf[:sent]  # send() may take only part of it
     return 0
-
-
-def format_addr(host, port):
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(argv=None):

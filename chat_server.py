@@ -197,17 +197,15 @@ def read_from(client, clients):
             relay_lines(client, b"\n", clients)
         drop_client(client, clients, f"dropped: {err.strerror or err}")
         return
-    if data:
-        relay_lines(client, data, clients)
+    if not data:  # b"" means the client closed (or half-closed) its side: it leaves
+        if client.inbuf:  # a last line without its "\n" is still delivered
+            relay_lines(client, b"\n", clients)
+        if not client.closing:
+            leave_room(client, clients, "disconnected")
+        if not client.outbuf:  # otherwise we close once its outbuf is sent
+            close_client(client, clients)
         return
-    # b"" means the client closed (or half-closed) its side. A last line without its "\n"
-    # is still delivered. Then it leaves, and we close once its outbuf is sent.
-    if client.inbuf:
-        relay_lines(client, b"\n", clients)
-    if not client.closing:
-        leave_room(client, clients, "disconnected")
-    if not client.outbuf:
-        close_client(client, clients)
+    relay_lines(client, data, clients)
 
 
 def write_to(client, clients):
