@@ -37,9 +37,9 @@ LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer on
 OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 ACCEPT_BATCH = 64           # connections accepted per turn at most, so clients are served meanwhile
-ACCEPT_PAUSE = 0.5          # seconds to stop accepting after accept() fails, e.g. out of descriptors
+ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
 FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
-SPARE_FDS = 24              # descriptors kept back for stdin/out/err, the listener and Python itself
+SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
 # On Windows, Ctrl-C cannot interrupt a select() that waits forever, so we wake up now and then.
 IDLE_TIMEOUT = 1.0 if os.name == "nt" else None
 

@@ -31,9 +31,9 @@ RECV_SIZE = 64 * 1024       # one recv() per ready socket: big enough to move bu
 OUTBUF_LIMIT = 256 * 1024   # stop reading a client whose unsent echo passes this (backpressure)
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 ACCEPT_BATCH = 64           # connections accepted per turn at most, so clients are served meanwhile
-ACCEPT_PAUSE = 0.5          # seconds to stop accepting after accept() fails, e.g. out of descriptors
+ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
 FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
-SPARE_FDS = 24              # descriptors kept back for stdin/out/err, the listener and Python itself
+SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
 # On Windows, Ctrl-C cannot interrupt a select() that waits forever, so we wake up now and then.
 IDLE_TIMEOUT = 1.0 if os.name == "nt" else None
 
@@ -45,7 +45,7 @@ class Client:
         self.sock = sock
         self.name = name            # "127.0.0.1:50312", for the log
         self.outbuf = bytearray()   # bytes received but not yet sent back
-        self.closing = False        # the client shut down its sending side: close once outbuf is sent
+        self.closing = False        # the client has shut down its side: close once outbuf is sent
 
 
 def log(message):
@@ -186,7 +186,8 @@ def serve(listener, max_clients):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Step 1: an RFC 862 TCP echo server that serves many clients with one select() loop.")
+        description="Step 1: an RFC 862 TCP echo server that serves many clients with one "
+                    "select() loop.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; "
                              "0.0.0.0 or :: opens the server to the network)")
