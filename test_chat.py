@@ -340,16 +340,16 @@ class EchoServerTest(unittest.TestCase):
 
     def test_half_close_sends_everything_pending_then_closes(self):
         peer = Peer(self, self.server.port)
-        data = os.urandom(2 * 1024 * 1024)
-        peer.send(data[:1024 * 1024])
+        data = os.urandom(1024 * 1024)
+        peer.send(data)
         peer.sock.shutdown(socket.SHUT_WR)  # we stop sending; we keep reading
-        self.assertEqual(peer.read_to_eof(), data[:1024 * 1024])
+        self.assertEqual(peer.read_to_eof(), data)
         self.server.wait_for_log("disconnected")
 
     def test_client_that_resets_mid_transfer_is_dropped_and_others_do_not_notice(self):
         other = Peer(self, self.server.port)
         rude = Peer(self, self.server.port)
-        rude.send(os.urandom(4 * 1024 * 1024))  # the server has echo pending for it...
+        rude.send(os.urandom(1024 * 1024))  # the server has echo pending for it...
         rude.reset()                             # ...when it vanishes
         self.server.wait_for_log("dropped")
         data = os.urandom(1024 * 1024)
