@@ -60,6 +60,7 @@ class Client:
 
 
 def log(message):
+    # Simple, but it blocks if stderr is a pipe nobody reads; a bigger server logs to a file.
     print(message, file=sys.stderr, flush=True)
 
 

@@ -268,6 +268,14 @@ def no_traceback(test, text):
     test.assertNotIn("Traceback", text)
 
 
+def press_and_expect_a_clean_exit(test, client, key):
+    """Type a control key (Ctrl-C is "\x03", Ctrl-D is "\x04") into a client's terminal:
+    it must exit with status 0 and no traceback."""
+    client.type(key)
+    test.assertEqual(client.wait(), 0)
+    no_traceback(test, client.read_to_end())
+
+
 # ---------------------------------------------------------------------------------------
 # Step 1: echo_server.py
 # ---------------------------------------------------------------------------------------
@@ -621,17 +629,13 @@ class EchoClientTest(unittest.TestCase):
         client.type("typed in a terminal\r")  # Enter sends "\r"; the terminal makes it "\n"
         client.expect("recv: typed in a terminal\n")
         client.expect("send: ")
-        client.type("\x03")  # Ctrl-C
-        self.assertEqual(client.wait(), 0)
-        no_traceback(self, client.read_to_end())
+        press_and_expect_a_clean_exit(self, client, "\x03")
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_ctrl_d_ends_it(self):
         client = self.client(tty=True)
         client.expect("send: ")
-        client.type("\x04")  # Ctrl-D
-        self.assertEqual(client.wait(), 0)
-        no_traceback(self, client.read_to_end())
+        press_and_expect_a_clean_exit(self, client, "\x04")
 
 
 # ---------------------------------------------------------------------------------------
@@ -960,6 +964,19 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.stderr(), f"error: cannot connect to 127.0.0.1:{port}: "
                                           "connection refused (is the server running?)\n")
 
+    def test_where_select_cannot_watch_stdin_it_points_to_wsl(self):
+        # We cannot run Windows here, so we make the script believe it runs there.
+        code = ("import os, runpy, sys\n"
+                "os.name = 'nt'\n"
+                f"sys.argv = ['chat_client.py', '--port', '{self.server.port}', '--name', 'J']\n"
+                f"runpy.run_path({os.path.join(HERE, 'chat_client.py')!r}, run_name='__main__')\n")
+        result = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, "")
+        self.assertIn("WSL", result.stderr)
+        self.assertEqual(result.stderr.count("\n"), 1)
+
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_it_chats_and_ctrl_c_ends_it_cleanly(self):
         client = self.client(tty=True)
@@ -970,17 +987,13 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(self.other.line(), b"John: Hi")
         self.other.send(b"Jane: hello John\n")
         client.expect("Jane: hello John\n")
-        client.type("\x03")  # Ctrl-C
-        self.assertEqual(client.wait(), 0)
-        no_traceback(self, client.read_to_end())
+        press_and_expect_a_clean_exit(self, client, "\x03")
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_ctrl_c_at_the_name_prompt_ends_it_cleanly(self):
         client = self.client(tty=True)
         client.expect("name: ")
-        client.type("\x03")
-        self.assertEqual(client.wait(), 0)
-        no_traceback(self, client.read_to_end())
+        press_and_expect_a_clean_exit(self, client, "\x03")
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_quit_ends_it(self):
