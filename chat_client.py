@@ -52,7 +52,7 @@ def harmless(raw):
 
 
 def split_lines(buf):
-    """Remove the complete lines from buf (a bytearray) and return them, without "\\r\\n"."""
+    """Remove the complete lines from buf (a bytearray); return them without line endings."""
     *lines, rest = buf.split(b"\n")
     buf[:] = rest
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]

@@ -9,9 +9,10 @@ cut it into lines ourselves. Fan-out: a line is queued for every other client in
 sent back. The shape is the same: one select() loop, non-blocking sockets, and an output
 buffer per client that is sent when its socket is writable.
 
-The protocol is UTF-8 text lines ending in "\\n" (a "\\r" before it is dropped). The
-server greets each client, relays lines, and announces arrivals and departures with
-lines that start with "* ". It does not decode what it relays: bytes go out as they came.
+The protocol is UTF-8 text, one message per line (a carriage return before the newline
+is dropped, for telnet). The server greets each client, relays lines, and announces
+arrivals and departures in lines that start with "* ". It never decodes what it relays:
+bytes go out as they came.
 
 What it leaves out on purpose: names (a client puts its own name in each line, so anyone
 can claim any name; a server that owns identity is the IRC challenge), rooms, history,
