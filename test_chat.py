@@ -1004,5 +1004,45 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(self.other.line(), b"* a user left (1 online)")
 
 
+# ---------------------------------------------------------------------------------------
+# All four scripts
+# ---------------------------------------------------------------------------------------
+
+class CommandLineTest(unittest.TestCase):
+
+    def run_script(self, script, *args):
+        return subprocess.run([sys.executable, os.path.join(HERE, script), *args],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=WAIT)
+
+    def test_help_explains_every_option(self):
+        options = {"echo_server.py": ["--host", "--port", "--max-clients"],
+                   "chat_server.py": ["--host", "--port", "--max-clients"],
+                   "echo_client.py": ["--host", "--port"],
+                   "chat_client.py": ["--host", "--port", "--name"]}
+        for script, names in options.items():
+            with self.subTest(script=script):
+                result = self.run_script(script, "-h")
+                self.assertEqual(result.returncode, 0)
+                for name in names:
+                    self.assertRegex(result.stdout, rf"{name} \S+\s+\w")  # the option, then words
+                self.assertIn("7007", result.stdout)
+
+    def test_clients_say_when_the_host_does_not_resolve(self):
+        for script, *args in (("echo_client.py",), ("chat_client.py", "--name", "J")):
+            with self.subTest(script=script):
+                result = self.run_script(script, "--host", "no-such-host.invalid", *args)
+                self.assertEqual(result.returncode, 1)
+                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                self.assertIn("error: cannot resolve host 'no-such-host.invalid'", result.stderr)
+
+    def test_clients_reach_a_server_on_localhost_whichever_address_it_means_first(self):
+        server = Server(self, "echo_server.py")
+        client = Proc(self, "echo_client.py", "--host", "localhost", "--port", str(server.port))
+        client.type("over localhost\nquit\n")
+        self.assertIn("recv: over localhost\n", client.read_to_end())
+        self.assertEqual(client.wait(), 0)
+
+
 if __name__ == "__main__":
     unittest.main()
