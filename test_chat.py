@@ -968,8 +968,9 @@ class ChatClientTest(unittest.TestCase):
                                           "connection refused (is the server running?)\n")
 
     def test_where_select_cannot_watch_stdin_it_points_to_wsl(self):
-        # We cannot run Windows here, so we make the script believe it runs there.
-        code = ("import os, runpy, sys\n"
+        # We cannot run Windows here, so we make the script believe it runs there. The
+        # modules it uses are imported first, while they still see the real os.name.
+        code = ("import argparse, os, runpy, select, shutil, socket, sys\n"
                 "os.name = 'nt'\n"
                 f"sys.argv = ['chat_client.py', '--port', '{self.server.port}', '--name', 'J']\n"
                 f"runpy.run_path({os.path.join(HERE, 'chat_client.py')!r}, run_name='__main__')\n")
