@@ -43,7 +43,8 @@ def echo_line(sock, line, inbuf):
     sends back exactly what we sent, so with one line in flight there are none, but a
     byte stream makes no promise about where one recv() ends."""
     outbuf = bytearray(line.encode("utf-8") + b"\n")
-    while b"\n" not in inbuf:
+    complete = b"\n" in inbuf
+    while not complete:
         # Watch for writability only while we still have bytes to send.
         readable, writable, _ = select.select([sock], [sock] if outbuf else [], [])
         if writable:
@@ -64,6 +65,7 @@ def echo_line(sock, line, inbuf):
             if not data:  # b"": the server closed the connection
                 raise ServerClosed
             inbuf += data
+            complete = b"\n" in data  # look in the new piece only, not all of inbuf again
     echoed, _, rest = inbuf.partition(b"\n")
     inbuf[:] = rest
     return echoed.decode("utf-8", errors="replace")
