@@ -6,7 +6,6 @@ Options:     python chat_client.py --help
 
     name: John
     Welcome to the chatroom!
-    Hi
     John: Hi
     Jane: hello John
 
@@ -19,15 +18,27 @@ so a message can arrive while you are typing. Both are byte streams that we cut 
 lines ourselves. And text from the network is untrusted: we make control characters
 visible, so no one can clear your screen or retitle your terminal.
 
-What it leaves out on purpose: an incoming message is printed where the cursor is, even
-in the middle of the line you are typing. And select() cannot watch standard input on
-Windows, so there it points you to WSL.
+In a terminal, a message that arrives while you type is printed above your half-typed
+line, and that line is drawn again below it, unchanged. For that we edit the line
+ourselves (the LineEditor part, which you can skip on a first read). From a pipe or a
+file, lines are read as they come.
+
+What it leaves out on purpose: the line editor knows only Backspace, Ctrl-U, Enter and
+Ctrl-D (readline does far more), and select() cannot watch standard input on Windows,
+so there it points you to WSL.
 """
 import argparse
+import codecs
 import os
 import select
+import signal
 import socket
 import sys
+
+try:
+    import termios  # POSIX terminals only
+except ImportError:
+    termios = None
 
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv() or read()
@@ -76,6 +87,72 @@ def ask_name(stdin):
             return name
 
 
+# ---------------------------------------------------------------------------------------
+# LineEditor: keeping the typed line intact in a terminal. Skip this part on a first read.
+#
+# A terminal normally runs in line mode: it echoes your keys itself and hands us a line
+# only when you press Enter. A message printed meanwhile lands in the middle of what you
+# are typing. So, when stdin and stdout are a terminal, we turn line mode and echo off,
+# keep the line being typed here, and around everything we print we first wipe that line
+# off the screen, then draw it again below. Ctrl-C still interrupts, as usual.
+# Kept simple: a typed line wider than the terminal wraps, and we wipe only its last row.
+# ---------------------------------------------------------------------------------------
+CLEAR_LINE = "\r\x1b[K"   # to column 0, then erase to the end of the line (ANSI)
+ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
+
+
+class LineEditor:
+    """The line being typed, kept and edited by us instead of by the terminal."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.saved = termios.tcgetattr(fd)  # put back by restore(), on every way out
+        mode = termios.tcgetattr(fd)
+        mode[3] &= ~(termios.ICANON | termios.ECHO)  # lflag: each key at once, no echo
+        mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0  # read() waits for one byte
+        termios.tcsetattr(fd, termios.TCSANOW, mode)
+        self.chars = []  # one entry per character, so Backspace removes a character
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
+        self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
+
+    def restore(self):
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def hide(self):
+        sys.stdout.write(CLEAR_LINE)
+
+    def show(self):
+        sys.stdout.write("".join(self.chars))
+        sys.stdout.flush()
+
+    def feed(self, data):
+        """Apply the keys in data. Returns the lines finished with Enter, and False once
+        Ctrl-D is pressed on an empty line."""
+        lines = []
+        for char in self.decoder.decode(data):
+            if self.escape:  # skip ESC [ or ESC O, then everything up to a final "@".."~"
+                if self.escape == ESC and char in "[O":
+                    self.escape += char
+                elif self.escape == ESC or "@" <= char <= "~":
+                    self.escape = ""  # the sequence ends here (Alt+key sends just ESC key)
+            elif char == ESC:
+                self.escape = ESC
+            elif char in ENTER:
+                lines.append("".join(self.chars))
+                self.chars.clear()
+            elif char in BACKSPACE:
+                del self.chars[-1:]
+            elif char == CTRL_U:
+                self.chars.clear()
+            elif char == CTRL_D and not self.chars:
+                return lines, False
+            elif char.isprintable():  # other control keys are ignored
+                self.chars.append(char)
+        return lines, bool(data)
+
+# ---------------------------------------------------------------------------------------
+
+
 def show_received(sock, inbuf):
     """Read what the server sent and print every complete line. False once it has closed."""
     try:
@@ -97,27 +174,30 @@ def show_received(sock, inbuf):
     return True
 
 
-def read_keyboard(stdin, typed, name, outbuf):
+def read_keyboard(stdin, typed, name, outbuf, editor):
     """Queue each typed line as "name: line". False after quit, exit or end of input."""
     # os.read(), not sys.stdin: sys.stdin reads ahead into a buffer that select() cannot see.
     data = os.read(stdin, RECV_SIZE)
-    typed += data
-    lines = split_lines(typed)
-    if not data:  # end of input (Ctrl-D): an unfinished last line still counts
-        lines.append(bytes(typed))
-    for line in lines:
-        text = line.decode("utf-8", errors="replace")
+    if editor:  # a terminal: the keys edit the line we keep
+        texts, typing = editor.feed(data)
+    else:
+        typed += data
+        lines = split_lines(typed)
+        if not data:  # end of input (Ctrl-D): an unfinished last line still counts
+            lines.append(bytes(typed))
+        texts, typing = [line.decode("utf-8", errors="replace") for line in lines], bool(data)
+    for text in texts:
         if text.strip().lower() in QUIT_WORDS:
             return False
         if text:  # empty lines are not sent
             message = f"{name}: {text}"
             print(message, flush=True)
             outbuf += message.encode("utf-8") + b"\n"
-    return bool(data)
+    return typing
 
 
-def chat(sock, name, stdin):
-    """The select loop. Returns the exit status."""
+def chat(sock, name, stdin, editor=None):
+    """The select loop. Returns the exit status. editor is a LineEditor in a terminal."""
     typed = bytearray()      # keyboard bytes whose "\n" has not arrived yet
     inbuf = bytearray()      # server bytes whose "\n" has not arrived yet
     outbuf = bytearray()     # our lines that the kernel has not taken yet
@@ -126,11 +206,15 @@ def chat(sock, name, stdin):
         # One wait for both: a line from the server can arrive while we type.
         want_read = [sock, stdin] if typing else [sock]
         readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
+        if editor and readable:
+            editor.hide()  # wipe the typed line before we print anything
         if sock in readable and not show_received(sock, inbuf):
             print("server closed the connection", file=sys.stderr)
             return 1
         if stdin in readable:
-            typing = read_keyboard(stdin, typed, name, outbuf)
+            typing = read_keyboard(stdin, typed, name, outbuf, editor)
+        if editor and readable:
+            editor.show()  # and draw it again, below what we printed
         if sock in writable:
             try:
                 sent = sock.send(outbuf)
@@ -178,13 +262,22 @@ def main(argv=None):
 
     sock.setblocking(False)
     stdin = sys.stdin.fileno()
+    editor = None
     try:
         name = args.name.strip() if args.name and args.name.strip() else ask_name(stdin)
-        return chat(sock, name, stdin) if name else 0
+        if not name:
+            return 0
+        if os.isatty(stdin) and sys.stdout.isatty():
+            # SIGTERM becomes KeyboardInterrupt too, so the finally below restores the terminal.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            editor = LineEditor(stdin)
+        return chat(sock, name, stdin, editor)
     except KeyboardInterrupt:  # Ctrl-C
         print()
         return 0
     finally:
+        if editor:
+            editor.restore()  # the shell needs its line mode and echo back
         sock.close()
 
 

@@ -90,6 +90,7 @@ class Proc:
         self.err = None
         if tty:
             master, slave = pty.openpty()
+            self.tty_at_start = termios.tcgetattr(slave)
             self.popen = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave,
                                           preexec_fn=take_controlling_tty)
             os.close(slave)
@@ -124,6 +125,10 @@ class Proc:
 
     def type(self, text):
         os.write(self.in_fd, text.encode("utf-8") if isinstance(text, str) else text)
+
+    def tty_now(self):
+        """The terminal's attributes now (on Linux the master side reports the slave's)."""
+        return termios.tcgetattr(self.in_fd)
 
     def close_stdin(self):
         if not self.popen.stdin.closed:
@@ -1012,6 +1017,60 @@ class ChatClientTest(unittest.TestCase):
         client = self.client(tty=True)
         client.expect("name: ")
         press_and_expect_a_clean_exit(self, client, "\x03")
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_a_message_appears_above_the_half_typed_line_which_is_redrawn(self):
+        client = self.client("--name", "John", tty=True)
+        self.joined(client)
+        client.type("see you at ei")
+        client.expect("see you at ei")
+        self.other.send(b"Jane: lunch at noon?\n")
+        # Wipe the line (CR, erase to end of line), print the message, draw the line again.
+        client.expect("\r\x1b[KJane: lunch at noon?\nsee you at ei")
+        client.type("ght\r")
+        self.assertEqual(self.other.line(), b"John: see you at eight")
+        client.expect("\r\x1b[KJohn: see you at eight\n")
+        self.assertNotIn("see you at ei* a user", client.output)
+        press_and_expect_a_clean_exit(self, client, "\x04")
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_backspace_ctrl_u_and_arrow_keys_edit_the_line(self):
+        client = self.client("--name", "John", tty=True)
+        self.joined(client)
+        client.type("thrown away\x15")                # Ctrl-U clears the line
+        client.type(b"caf\xc3")                      # é arrives in two pieces
+        client.type(b"\xa9 \xe2\x82\xac\x7f\x7f")       # then " €", and two Backspaces
+        client.type("\x1b[A\x1b[D\x1bOB\x1b[1;5C\x1b1")  # up, left, down (SS3), Ctrl-right, Alt-1
+        client.type("\x04")                           # Ctrl-D on a line that is not empty
+        client.type("\x01\x7f\x7f\x7f\x7fna\u00efve\r")   # Ctrl-A ignored; "café" becomes "naïve"
+        self.assertEqual(self.other.line(), "John: naïve".encode())
+        client.type("\x7f\x7f\r")                     # Backspace on an empty line is harmless
+        client.type("quit\r")
+        self.assertEqual(client.wait(), 0)
+        self.assertEqual(self.other.line(), b"* a user left (1 online)")
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_the_terminal_is_restored_on_every_way_out(self):
+        ways = {"Ctrl-D": lambda client: client.type("\x15\x04"),  # Ctrl-U first: the line must be empty
+                "Ctrl-C": lambda client: client.type("\x03"),
+                "quit": lambda client: client.type("\x15quit\r"),
+                "SIGTERM": lambda client: client.popen.send_signal(signal.SIGTERM),
+                "server gone": lambda client: client.server.stop()}
+        for way, leave in ways.items():
+            with self.subTest(way=way):
+                server = Server(self, "chat_server.py")
+                client = self.client("--name", "John", tty=True, server=server)
+                client.server = server
+                client.expect("Welcome to the chatroom!\n")
+                client.type("half a li")
+                client.expect("half a li")
+                lflag = client.tty_now()[3]
+                self.assertFalse(lflag & termios.ECHO, "echo is off while the client edits")
+                self.assertFalse(lflag & termios.ICANON, "line mode is off while the client edits")
+                leave(client)
+                self.assertEqual(client.wait(), 1 if way == "server gone" else 0)
+                no_traceback(self, client.read_to_end())
+                self.assertEqual(client.tty_now(), client.tty_at_start)
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_quit_ends_it(self):
