@@ -37,7 +37,9 @@ RECV_SIZE = 64 * 1024       # one recv() per ready socket: many lines are handle
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
 OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
-ACCEPT_BATCH = 64           # connections accepted per turn at most, so clients are served meanwhile
+# Connections accepted per turn at most, so clients are served meanwhile. Each join queues
+# a notice for everyone, so this also bounds that burst (memory: clients x 16 notices).
+ACCEPT_BATCH = 16
 ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
 FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
 SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
@@ -101,8 +103,8 @@ def online(clients):
 
 
 def broadcast(data, clients, sender=None):
-    """Queue data for everyone in the room but the sender. Nothing is sent here: each
-    socket gets its turn when select() says it is writable."""
+    """Queue data for everyone in the room but the sender. Nothing is sent here: that is
+    send_queued()'s job, once per turn, so a client gets all that is queued in one send()."""
     for client in clients.values():
         # A client already past OUTBUF_LIMIT gets nothing more: it is dropped this turn.
         if client is not sender and not client.closing and len(client.outbuf) <= OUTBUF_LIMIT:
@@ -163,26 +165,39 @@ def drop_client(client, clients, why):
     close_client(client, clients)
 
 
+def find_long_line(batch):
+    """Where the first line longer than LINE_LIMIT starts in batch (which ends with "\n"),
+    or -1. We jump from the last "\n" within reach to the next, LINE_LIMIT bytes at a
+    time, so a batch of short lines takes a few steps, not one per line (speed)."""
+    start = 0
+    while len(batch) - start > LINE_LIMIT + 1:
+        newline = batch.rfind(b"\n", start, start + LINE_LIMIT + 1)
+        if newline < 0:
+            return start  # no "\n" among the next LINE_LIMIT + 1 bytes
+        start = newline + 1
+    return -1
+
+
 def relay_lines(client, data, clients):
     """TCP is a byte stream: one recv() may hold half a line, or a hundred lines. We add
-    data to inbuf, relay every complete line as one batch, and keep the unfinished rest."""
+    data to inbuf and cut it after the last "\n": the complete lines before it are relayed
+    as one batch, and the unfinished rest stays in inbuf."""
     client.inbuf += data
-    lines = []
-    if b"\n" in data:
-        *lines, client.inbuf = client.inbuf.split(b"\n")
-    batch = bytearray()
-    too_long = len(client.inbuf) > LINE_LIMIT + 1  # + 1: a "\r" may still be followed by "\n"
-    for line in lines:
-        if line.endswith(b"\r"):  # telnet and nc -C end lines with "\r\n"
-            line = line[:-1]
-        if len(line) > LINE_LIMIT:
-            too_long = True
-            break
-        if line:  # empty lines are ignored
-            batch += line + b"\n"
+    end = client.inbuf.rfind(b"\n") + 1
+    batch = bytes(client.inbuf[:end])
+    del client.inbuf[:end]
+    # Whole-batch operations, each one pass in C, instead of a Python loop per line (speed).
+    batch = batch.replace(b"\r\n", b"\n")  # telnet and nc -C end lines with "\r\n"
+    while b"\n\n" in batch:  # empty lines are ignored
+        batch = batch.replace(b"\n\n", b"\n")
+    if batch.startswith(b"\n"):
+        batch = batch[1:]
+    long_line = find_long_line(batch)
+    if long_line >= 0:
+        batch = batch[:long_line]  # the lines before it still go
     if batch:
         broadcast(batch, clients, sender=client)
-    if too_long:
+    if long_line >= 0 or len(client.inbuf) > LINE_LIMIT + 1:  # + 1: "\r" may await its "\n"
         # The line cap bounds inbuf. We say why, and close once that message is sent.
         client.inbuf.clear()
         client.outbuf += LINE_TOO_LONG
@@ -223,15 +238,17 @@ def write_to(client, clients):
         close_client(client, clients)
 
 
-def drop_slow_consumers(clients):
-    """A client that does not read while others talk piles up output. Past OUTBUF_LIMIT we
-    drop it, so one stuck reader can neither stall the room nor eat the server's memory.
-    Its "user left" notice may push another one over, so we look again until none is."""
-    while True:
-        slow = [c for c in clients.values() if len(c.outbuf) > OUTBUF_LIMIT]
-        if not slow:
-            return
-        for client in slow:
+def send_queued(clients, writable, watched):
+    """One send() per client with output queued. A client in watched (select() watched it
+    for writing) is sent to if it is writable now. A client not in watched had nothing
+    queued when we called select(), so its send buffer almost surely has room: we send at
+    once rather than wait a whole turn for select() to say so (speed)."""
+    for client in list(clients.values()):
+        if client.outbuf and (client.sock in writable or client.sock not in watched):
+            write_to(client, clients)
+        if client.sock in clients and len(client.outbuf) > OUTBUF_LIMIT:
+            # It does not read while others talk. Dropping it keeps one stuck reader from
+            # stalling the room or eating our memory.
             drop_client(client, clients, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
 
 
@@ -245,7 +262,7 @@ def serve(listener, max_clients):
             accepting = time.monotonic() >= accept_paused_until
             want_read = [listener] if accepting else []
             want_read += [c.sock for c in clients.values() if not c.closing]
-            want_write = [c.sock for c in clients.values() if c.outbuf]
+            want_write = {c.sock for c in clients.values() if c.outbuf}
             timeout = IDLE_TIMEOUT if accepting else ACCEPT_PAUSE
 
             # The one place we wait. We don't use the third list (TCP urgent data).
@@ -262,11 +279,8 @@ def serve(listener, max_clients):
                         accept_paused_until = time.monotonic() + ACCEPT_PAUSE
                 elif sock in clients:  # skip a client dropped earlier in this pass
                     read_from(clients[sock], clients)
-            drop_slow_consumers(clients)
             # Writable means there is room in the kernel's send buffer, not that data arrived.
-            for sock in writable:
-                if sock in clients:
-                    write_to(clients[sock], clients)
+            send_queued(clients, set(writable), want_write)
     finally:
         for client in clients.values():
             client.sock.close()
