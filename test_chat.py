@@ -6,12 +6,14 @@ One class:      python -m unittest -v test_chat.ChatServerTest
 Every server starts on --port 0 and tells us its port in its first line. Every wait has a
 timeout, and every process a test starts is stopped when the test ends, pass or fail.
 """
+import importlib.util
 import os
 import re
 import select
 import signal
 import socket
 import struct
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def take_controlling_tty():
     into the terminal sends SIGINT, as it does in a real shell."""
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if we were started with it ignored
 
 
 class Proc:
@@ -792,11 +795,22 @@ class ChatServerTest(unittest.TestCase):
 
     def test_line_over_the_limit_gets_an_error_and_a_disconnect(self):
         alice, bob = self.room(2)
-        alice.send(b"x" * 5000 + b"\n")
+        # In one send: two good lines, one byte too many, and a line that must not go.
+        alice.send(b"before\n" + b"a" * 4096 + b"\n" + b"x" * 4097 + b"\nafter\n")
         self.assertEqual(alice.line(), b"error: line too long (limit 4096 bytes)")
         self.assertEqual(alice.read_to_eof(), b"")
-        self.assertEqual(bob.line(), b"* a user left (1 online)")
+        self.assertEqual([bob.line() for _ in range(3)],
+                         [b"before", b"a" * 4096, b"* a user left (1 online)"])
         self.assertIsNone(self.server.popen.poll())
+
+    def test_a_line_one_byte_over_the_limit_is_refused_however_it_ends(self):
+        for ending in (b"\n", b"\r\n"):
+            with self.subTest(ending=ending):
+                self.server = Server(self, "chat_server.py")  # a new room each time
+                alice, bob = self.room(2)
+                alice.send(b"z" * 4097 + ending)
+                self.assertEqual(alice.line(), b"error: line too long (limit 4096 bytes)")
+                self.assertEqual(bob.line(), b"* a user left (1 online)")
 
     def test_line_over_the_limit_without_a_newline_gets_an_error_too(self):
         alice, bob = self.room(2)
@@ -1119,6 +1133,66 @@ class CommandLineTest(unittest.TestCase):
         client.type("over localhost\nquit\n")
         self.assertIn("recv: over localhost\n", client.read_to_end())
         self.assertEqual(client.wait(), 0)
+
+
+# ---------------------------------------------------------------------------------------
+# bench/loadtest.py: not part of the tests' job, but run at a tiny size so it cannot rot
+# ---------------------------------------------------------------------------------------
+
+LOADTEST = os.path.join(HERE, "bench", "loadtest.py")
+
+
+def table_rows(report, test):
+    """{"row name": "value"} for one test's table in loadtest's report (one server column)."""
+    section = report.split(f"\n{test}: ", 1)[1].split("\n\n", 1)[0]
+    return dict(re.findall(r"^  (\S.*?)  +(\S+)$", section, re.MULTILINE))
+
+
+class LoadTestTest(unittest.TestCase):
+
+    def test_at_a_tiny_size_it_measures_every_test_and_finds_nothing_wrong(self):
+        def command(script, *args):
+            return " ".join(shlex.quote(word) for word in
+                            (sys.executable, os.path.join(HERE, script), *args, "--port")) + " {port}"
+        result = subprocess.run(
+            [sys.executable, LOADTEST, "--seconds", "0.1", "--clients", "5", "--senders", "2",
+             "--rate", "200", "--hold", "8", "--hold-extra", "2", "--rtt-connections", "3",
+             "--chat", command("chat_server.py", "--max-clients", "8"),
+             "--echo", command("echo_server.py")],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        headline = {"fanout": "deliveries/s", "latency": "p50 ms", "bulk": "MB/s",
+                    "rtt1": "round trips/s", "rtt50": "round trips/s"}
+        for test, row in headline.items():
+            with self.subTest(test=test):
+                rows = table_rows(result.stdout, test)
+                self.assertGreater(float(rows[row].replace(",", "")), 0, rows)
+                self.assertEqual(rows["errors"], "none")
+        rows = table_rows(result.stdout, "hold")
+        self.assertEqual((rows["clients held"], rows["refused politely"], rows["one line reached"]),
+                         ("8", "2", "7"), rows)
+
+    def test_it_counts_lost_duplicated_reordered_sent_back_and_garbled_lines(self):
+        spec = importlib.util.spec_from_file_location("loadtest", LOADTEST)
+        loadtest = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loadtest)
+        ledger, streams = loadtest.Ledger(2, 3), loadtest.Streams(2)  # senders 0, 1; receiver 2
+
+        def line(sender, k):
+            return streams.get(sender, k + 1)[loadtest.WIDTH * k:loadtest.WIDTH * (k + 1)]
+
+        def receive(receiver, *lines):
+            loadtest.check_fanout_chunk(b"".join(lines), receiver, ledger, streams, 2)
+
+        receive(2, line(0, 0), line(0, 1), line(1, 0))  # all well
+        receive(2, line(0, 3), line(0, 2), line(0, 2))  # 3 before 2, then 2 again
+        receive(0, line(0, 0))                          # back to its own sender
+        receive(1, b"* a user joined (3 online)\n", b"no such line\n")
+        ledger.count_lost([5, 1])  # sent: 5 lines by sender 0, 1 by sender 1
+        # Lost: receiver 2 misses line 4 of sender 0; receiver 1 misses all 5; receiver 0
+        # misses sender 1's line.
+        self.assertEqual(ledger.counts, {"delivered": 7, "lost": 7, "duplicated": 1, "reordered": 1,
+                                         "sent back": 1, "garbled": 1})
 
 
 if __name__ == "__main__":
