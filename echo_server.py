@@ -190,7 +190,7 @@ def serve(listener, max_clients):
                 elif sock in clients:  # skip a client dropped earlier in this pass
                     read_from(clients[sock], clients)
             # Writable means there is room in the kernel's send buffer, not that data arrived.
-            send_queued(clients, set(writable), want_write)
+            send_queued(clients, set(writable), want_write)  # sets (speed): asked about each client
     finally:
         for client in clients.values():
             client.sock.close()

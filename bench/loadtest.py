@@ -262,8 +262,12 @@ class Ledger:
                 if r != s:
                     self.counts["lost"] += total - got - len(self.ahead.get((s, r), ()))
 
-    def errors(self):
-        return {k: v for k, v in self.counts.items() if k != "delivered" and v}
+    def errors(self, cut_off=0):
+        """Every count that should be zero and is not; cut_off: receivers the server closed."""
+        errors = {k: v for k, v in self.counts.items() if k != "delivered" and v}
+        if cut_off:
+            errors["clients cut off"] = cut_off
+        return errors
 
 
 class Streams:
@@ -378,8 +382,10 @@ def test_fanout(server, clients=100, senders=10, seconds=3.0, window_bytes=128 *
         unsent = [b""] * senders  # what send() did not take yet
         measure = Window(server)
         stop_sending = measure.start + seconds
-        closed = 0
-        while now() < stop_sending + WAIT:
+        closed, progress, last_progress = 0, 0, now()
+        while now() < stop_sending or now() - last_progress < WAIT:  # WAIT: a silent server
+            if ledger.counts["delivered"] != progress:
+                progress, last_progress = ledger.counts["delivered"], now()
             sending = now() < stop_sending
             for s in range(senders):
                 if unsent[s] or not sending:
@@ -411,9 +417,7 @@ def test_fanout(server, clients=100, senders=10, seconds=3.0, window_bytes=128 *
         result["deliveries/s"] = ledger.counts["delivered"] / result["seconds"]
         result["lines sent"] = sum(sent)
         result["clients cut off"] = closed
-        result["errors"] = ledger.errors()
-        if closed:
-            result["errors"]["clients cut off"] = closed
+        result["errors"] = ledger.errors(closed)
         return result
     finally:
         sel.close()
@@ -475,9 +479,7 @@ def test_latency(server, clients=100, rate=1000, seconds=3.0):
             result["max ms"] = samples[-1] / 1e6
         result["lines sent"] = sent
         result["deliveries"] = ledger.counts["delivered"]
-        result["errors"] = ledger.errors()
-        if closed:
-            result["errors"]["clients cut off"] = closed
+        result["errors"] = ledger.errors(closed)
         return result
     finally:
         sel.close()
