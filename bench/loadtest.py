@@ -604,9 +604,13 @@ def test_bulk(server, seconds=3.0):
         sock.close()
 
 
-def test_rtt(server, connections=1, seconds=3.0, size=64):
+def test_rtt(server, connections=1, seconds=3.0, size=64, idle=0):
     """Each connection sends size bytes, waits until all of them are back, and again.
-    This loop is kept lean (epoll itself, small reads), so that it is not the bottleneck."""
+    This loop is kept lean (epoll itself, small reads), so that it is not the bottleneck.
+    With idle, that many more connections stay open and silent: what they cost a server
+    is the price of watching them."""
+    raise_fd_limit(connections + idle + 64)
+    bystanders = connect(server, idle)
     socks = connect(server, connections, nodelay=True)
     poller = select.epoll() if hasattr(select, "epoll") else None
     by_fd = {sock.fileno(): sock for sock in socks}
@@ -648,7 +652,7 @@ def test_rtt(server, connections=1, seconds=3.0, size=64):
     finally:
         if poller:
             poller.close()
-        close_all(socks)
+        close_all(socks + bystanders)
 
 
 # ---------------------------------------------------------------------------------------
@@ -665,7 +669,8 @@ def run_one(test, server, args):
     elif test == "bulk":
         result = test_bulk(server, args.seconds)
     else:
-        result = test_rtt(server, 1 if test == "rtt1" else args.rtt_connections, args.seconds)
+        result = test_rtt(server, 1 if test == "rtt1" else args.rtt_connections, args.seconds,
+                          idle=args.idle)
     rss = server.peak_rss_mb()
     if rss is not None:
         result["server RSS at start MB"] = server.start_rss_mb
@@ -699,12 +704,13 @@ def fmt(value):
 
 
 def describe(test, args):
+    idle = f", and {args.idle} idle ones" if args.idle else ""
     return {"fanout": f"{args.clients} clients, {args.senders} sending flat out",
             "latency": f"{args.clients} clients, {args.rate} lines/s in all",
             "hold": f"{args.hold} clients, and {args.hold_extra} more",
             "bulk": "1 connection",
-            "rtt1": "64-byte round trips, 1 connection",
-            "rtt50": f"64-byte round trips, {args.rtt_connections} connections"}[test]
+            "rtt1": "64-byte round trips, 1 connection" + idle,
+            "rtt50": f"64-byte round trips, {args.rtt_connections} connections" + idle}[test]
 
 
 def print_table(test, results, args):
@@ -763,6 +769,9 @@ def main(argv=None):
                         help="rounds of each test, taking turns between servers; the table "
                              "shows the median round (default: 1)")
     parser.add_argument("--rtt-connections", type=int, default=50, help="connections in rtt50 (default: 50)")
+    parser.add_argument("--idle", type=int, default=0,
+                        help="in rtt1 and rtt50: connections that stay open and silent meanwhile "
+                             "(default: 0)")
     args = parser.parse_args(argv)
     tests = [t for t in args.only.split(",") if t]
     unknown = set(tests) - set(CHAT_TESTS + ECHO_TESTS)
