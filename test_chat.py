@@ -1156,7 +1156,7 @@ class LoadTestTest(unittest.TestCase):
                             (sys.executable, os.path.join(HERE, script), *args, "--port")) + " {port}"
         result = subprocess.run(
             [sys.executable, LOADTEST, "--seconds", "0.1", "--clients", "5", "--senders", "2",
-             "--rate", "200", "--hold", "8", "--hold-extra", "2", "--rtt-connections", "3",
+             "--rate", "200", "--hold", "8", "--hold-extra", "2", "--rtt-connections", "3", "--idle", "2",
              "--chat", command("chat_server.py", "--max-clients", "8"),
              "--echo", command("echo_server.py")],
             capture_output=True, text=True, timeout=60)
