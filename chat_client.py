@@ -98,6 +98,7 @@ def ask_name(stdin):
 # Kept simple: a typed line wider than the terminal wraps, and we wipe only its last row.
 # ---------------------------------------------------------------------------------------
 CLEAR_LINE = "\r\x1b[K"   # to column 0, then erase to the end of the line (ANSI)
+# Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
 ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
 
 
