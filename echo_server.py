@@ -4,13 +4,11 @@
 Run it:      python echo_server.py             then, in another terminal: nc localhost 7007
 Options:     python echo_server.py --help
 
-Every byte a client sends comes back to that client, unchanged and in order. One thread
-serves everyone: the loop asks select.select() which sockets are ready and touches only
-those, so no call in the loop waits on one client while the others wait on it.
-
-It shows non-blocking sockets, an output buffer per client (send() may take only part of
-what we give it), backpressure, half-close, and select()'s FD_SETSIZE ceiling. It leaves
-out idle timeouts (an idle client keeps its slot), the UDP half of RFC 862, and TLS.
+Every byte a client sends comes back to that client, unchanged and in order. One loop
+serves everyone: select.select() says which sockets are ready and we touch only those,
+so no client ever waits on another. It shows non-blocking sockets, an output buffer per
+client, backpressure and half-close. Left out: idle timeouts, UDP (RFC 862 has it), TLS.
+What a real server needs besides the lesson comes after the line "The fine print".
 """
 import argparse
 import errno
@@ -21,24 +19,10 @@ import socket
 import sys
 import time
 
-try:
-    import resource  # POSIX only: tells how many file descriptors we may open
-except ImportError:
-    resource = None
-
-DEFAULT_PORT = 7007         # the challenge's port; RFC 862's port 7 would need root
+DEFAULT_PORT = 7007         # the challenge's port
+RECV_SIZE = 256 * 1024      # the most one recv() takes: big reads move bulk data in few turns
 OUTBUF_LIMIT = 256 * 1024   # stop reading a client whose unsent echo reaches this (backpressure)
-BACKLOG = 1024              # connections the kernel may queue for us while we are busy
-ACCEPT_BATCH = 64           # connections accepted per turn at most, so clients are served meanwhile
-ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
-FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
-SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
-# On Windows, Ctrl-C cannot interrupt a select() that waits forever, so we wake up now and then.
-IDLE_TIMEOUT = 1.0 if os.name == "nt" else None
-# Every recv() lands in this one buffer, which we reuse (speed: with a new bytes object per
-# recv() instead, bulk echo was three times slower). Reads are big, so bulk data moves in
-# few turns of the loop, and never bigger than the room left under OUTBUF_LIMIT.
-RECV_BUFFER = memoryview(bytearray(OUTBUF_LIMIT))
+TICK = 0.5                  # select() returns at least this often, for the fine print's timers
 
 
 class Client:
@@ -47,8 +31,100 @@ class Client:
     def __init__(self, sock, name):
         self.sock = sock
         self.name = name            # "127.0.0.1:50312", for the log
-        self.outbuf = bytearray()   # bytes received but not yet sent back
-        self.closing = False        # the client has shut down its side: close once outbuf is sent
+        self.outbuf = bytearray()   # bytes for this client that the kernel has not taken yet
+        self.closing = False        # it has left: close once outbuf is sent
+
+
+def serve(listener, max_clients):
+    """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
+    clients = {}                    # socket -> Client, for every open connection
+    while True:
+        # Ask only for what we can act on. Watching a socket for writability while we
+        # have nothing to send would wake us at once, every turn: 100% CPU.
+        want_read = [listener] if accepting() else []
+        # Backpressure: a client whose echo piles up is not read until it drains. TCP
+        # then fills up and slows the sender down, and our memory stays flat.
+        want_read += [c.sock for c in clients.values()
+                      if not c.closing and len(c.outbuf) < OUTBUF_LIMIT]
+        want_write = [c.sock for c in clients.values() if c.outbuf]
+
+        # The one place we wait. We don't use the third list (TCP urgent data).
+        readable, writable, _ = select.select(want_read, want_write, [], TICK)
+
+        for sock in readable:
+            if sock is listener:
+                accept_client(listener, clients, max_clients)
+            elif sock in clients:  # skip a client dropped earlier in this pass
+                read_from(clients[sock], clients)
+        # Writable means there is room in the kernel's send buffer, not that data arrived.
+        for sock in writable:
+            if sock in clients:
+                write_to(clients[sock], clients)
+
+
+def accept_client(listener, clients, max_clients):
+    """A readable listener means a connection is waiting: accept() returns it at once."""
+    try:
+        sock, addr = listener.accept()
+    except OSError as err:
+        survive_accept_error(err)  # it gave up while it waited, or we are out of descriptors
+        return
+    sock.setblocking(False)
+    name = format_addr(addr)
+    if len(clients) >= max_clients or not select_can_watch(sock, clients):
+        refuse(sock, name, clients)
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # send small writes at once
+    clients[sock] = Client(sock, name)
+    log(f"{name} connected ({len(clients)} online)")
+
+
+def read_from(client, clients):
+    try:
+        data = client.sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        return  # select() said readable, but the data was gone; try again next turn
+    except OSError as err:  # ECONNRESET and friends: the client vanished
+        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        return
+    if not data:  # b"": the client shut down its side. We send what is left, then close
+        client.closing = True
+        if not client.outbuf:
+            drop_client(client, clients, "disconnected")
+        return
+    client.outbuf += data  # the echo: write_to() sends it once the socket is writable
+
+
+def write_to(client, clients):
+    try:
+        sent = client.sock.send(client.outbuf)
+    except BlockingIOError:
+        return
+    except OSError as err:  # EPIPE, ECONNRESET: the client is gone
+        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        return
+    del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
+    if client.closing and not client.outbuf:
+        drop_client(client, clients, "disconnected")
+
+
+def drop_client(client, clients, why):
+    """Close the connection now and forget the client."""
+    del clients[client.sock]
+    client.sock.close()
+    log(f"{client.name} {why} ({len(clients)} online)")
+
+
+# The fine print ------------------------------------------------------------------------
+# What a real server needs besides the lesson: a log, the limits of select() and of the
+# process's descriptors, surviving a failed accept(), and the command line. Each piece
+# is reached from the lesson through one of the functions below.
+
+BACKLOG = 1024              # connections the kernel may queue for us while we are busy
+ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
+FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
+SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
+accept_paused_until = 0.0   # set by survive_accept_error(), read by accepting()
 
 
 def log(message):
@@ -62,13 +138,46 @@ def format_addr(addr):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def refuse(sock, name, clients):
+    """No seat for this connection: refuse it."""
+    log(f"{name} refused: server full ({len(clients)} online)")
+    sock.close()
+
+
+def accepting():
+    """False for a short while after accept() failed for want of descriptors."""
+    return time.monotonic() >= accept_paused_until
+
+
+def survive_accept_error(err):
+    """accept() failed. ECONNABORTED: the client gave up while it waited in the queue.
+    EMFILE and the like: we are out of descriptors. The connection then stays queued and
+    the listener stays readable, so we stop watching it for a moment, or we would spin."""
+    global accept_paused_until
+    if isinstance(err, (BlockingIOError, ConnectionAbortedError)):
+        return
+    log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
+    accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+
+
+def select_can_watch(sock, clients):
+    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
+    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
+    if os.name == "nt":
+        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
+    return sock.fileno() < FD_SETSIZE
+
+
 def default_max_clients():
     """As many clients as select() can watch, and never more descriptors than we may open."""
     limit = FD_SETSIZE
-    if resource:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY:
-            limit = min(limit, soft)
+    try:
+        import resource  # POSIX only: tells how many file descriptors we may open
+    except ImportError:
+        return limit - SPARE_FDS
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
     return max(1, limit - SPARE_FDS)
 
 
@@ -87,126 +196,15 @@ def open_listener(host, port):
     return listener
 
 
-def select_can_watch(sock, clients):
-    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
-    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
-    if os.name == "nt":
-        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
-    return sock.fileno() < FD_SETSIZE
-
-
-def accept_clients(listener, clients, max_clients):
-    """A readable listener means connections are waiting. We take up to ACCEPT_BATCH of
-    them, so a burst of arrivals costs one turn of the loop, not one turn each."""
-    for _ in range(ACCEPT_BATCH):
-        try:
-            sock, addr = listener.accept()
-        except (BlockingIOError, ConnectionAbortedError):
-            return  # none left, or one gave up while it waited
-        sock.setblocking(False)
-        name = format_addr(addr)
-        if len(clients) >= max_clients or not select_can_watch(sock, clients):
-            log(f"{name} refused: server full ({len(clients)} online)")
-            sock.close()
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # echo small writes at once
-        clients[sock] = Client(sock, name)
-        log(f"{name} connected ({len(clients)} online)")
-
-
-def drop_client(client, clients, why):
-    del clients[client.sock]
-    client.sock.close()
-    log(f"{client.name} {why} ({len(clients)} online)")
-
-
-def read_from(client, clients):
-    try:
-        n = client.sock.recv_into(RECV_BUFFER, OUTBUF_LIMIT - len(client.outbuf))
-    except BlockingIOError:
-        return  # select() said readable, but the data was gone; try again next turn
-    except OSError as err:  # ECONNRESET and friends: the client vanished
-        drop_client(client, clients, f"dropped: {err.strerror or err}")
-        return
-    if n == 0:  # no bytes: the client shut down its side. Send what is left, then close
-        client.closing = True
-        if not client.outbuf:
-            drop_client(client, clients, "disconnected")
-        return
-    client.outbuf += RECV_BUFFER[:n]  # nothing is sent here: that is send_queued()'s job
-
-
-def write_to(client, clients):
-    try:
-        sent = client.sock.send(client.outbuf)
-    except BlockingIOError:
-        return
-    except OSError as err:  # EPIPE, ECONNRESET: the client is gone
-        drop_client(client, clients, f"dropped: {err.strerror or err}")
-        return
-    del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
-    if client.closing and not client.outbuf:
-        drop_client(client, clients, "disconnected")
-
-
-def send_queued(clients, writable, watched):
-    """One send() per client with output queued. A client in watched (select() watched it
-    for writing) is sent to if it is writable now. A client not in watched had nothing
-    queued when we called select(), so its send buffer almost surely has room: we send at
-    once rather than wait a whole turn for select() to say so (speed)."""
-    for client in list(clients.values()):
-        if client.outbuf and (client.sock in writable or client.sock not in watched):
-            write_to(client, clients)
-
-
-def serve(listener, max_clients):
-    clients = {}              # socket -> Client, for every open connection
-    accept_paused_until = 0.0
-    try:
-        while True:
-            # Ask only for what we can act on. Watching a socket for writability while
-            # we have nothing to send would wake us at once, every turn: 100% CPU.
-            accepting = time.monotonic() >= accept_paused_until
-            want_read = [listener] if accepting else []
-            # Backpressure: a client whose echo is piling up is not read until it drains.
-            # TCP then fills up and slows the sender down. Our memory stays flat.
-            want_read += [c.sock for c in clients.values()
-                          if not c.closing and len(c.outbuf) < OUTBUF_LIMIT]
-            want_write = {c.sock for c in clients.values() if c.outbuf}
-            timeout = IDLE_TIMEOUT if accepting else ACCEPT_PAUSE
-
-            # The one place we wait. We don't use the third list (TCP urgent data).
-            readable, writable, _ = select.select(want_read, want_write, [], timeout)
-
-            for sock in readable:
-                if sock is listener:
-                    try:
-                        accept_clients(listener, clients, max_clients)
-                    except OSError as err:
-                        # EMFILE and the like: out of descriptors. The connection stays queued
-                        # in the kernel, so the listener stays readable: pause, or we would spin.
-                        log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
-                        accept_paused_until = time.monotonic() + ACCEPT_PAUSE
-                elif sock in clients:  # skip a client dropped earlier in this pass
-                    read_from(clients[sock], clients)
-            # Writable means there is room in the kernel's send buffer, not that data arrived.
-            send_queued(clients, set(writable), want_write)  # sets (speed): asked about each client
-    finally:
-        for client in clients.values():
-            client.sock.close()
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Step 1: an RFC 862 TCP echo server that serves many clients with one "
-                    "select() loop.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; "
                              "0.0.0.0 or :: opens the server to the network)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="TCP port (default: %(default)s; 0 picks a free port)")
     parser.add_argument("--max-clients", type=int, default=default_max_clients(),
-                        help="connections served at once; more are closed at once "
+                        help="connections served at once; more are refused "
                              "(default: %(default)s here, the most select() can watch)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -229,10 +227,11 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         print(f"echo server listening on {format_addr(listener.getsockname())}", flush=True)
-        log(f"serving up to {args.max_clients} clients at once")
+        seats = args.max_clients
+        log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
         serve(listener, args.max_clients)
     except KeyboardInterrupt:
-        log("shutting down")
+        log("shutting down")  # the system closes every client's socket as we exit
     finally:
         listener.close()
     return 0
