@@ -17,15 +17,7 @@ What to notice: one select() call waits on two things, standard input and the so
 so a message can arrive while you are typing. Both are byte streams that we cut into
 lines ourselves. And text from the network is untrusted: we make control characters
 visible, so no one can clear your screen or retitle your terminal.
-
-In a terminal, a message that arrives while you type is printed above your half-typed
-line, and that line is drawn again below it, unchanged. For that we edit the line
-ourselves (the LineEditor part, which you can skip on a first read). From a pipe or a
-file, lines are read as they come.
-
-What it leaves out on purpose: the line editor knows only Backspace, Ctrl-U, Enter and
-Ctrl-D (readline does far more), and select() cannot watch standard input on Windows,
-so there it points you to WSL.
+What a real client needs besides the lesson comes after the line "The fine print".
 """
 import argparse
 import codecs
@@ -35,15 +27,9 @@ import signal
 import socket
 import sys
 
-try:
-    import termios  # POSIX terminals only
-except ImportError:
-    termios = None
-
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv() or read()
-LINE_LIMIT = 64 * 1024    # a longer incoming line is printed in pieces, so our memory stays bounded
-CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
+LINE_LIMIT = 64 * 1024    # a longer incoming line is printed in pieces: memory stays bounded
 QUIT_WORDS = ("quit", "exit")
 
 # Text from the network may carry terminal control sequences: ESC [2J clears the screen,
@@ -53,105 +39,32 @@ CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
 MAKE_VISIBLE = {code: f"\\x{code:02x}" for code in CONTROLS}
 
 
-def format_addr(host, port):
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def harmless(raw):
-    """Decode bytes from the network and make them safe to print."""
-    return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
-
-
-def split_lines(buf):
-    """Remove the complete lines from buf (a bytearray); return them without line endings."""
-    *lines, rest = buf.split(b"\n")
-    buf[:] = rest
-    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
-
-
-def ask_name(stdin):
-    """Ask for a name until we get one. Returns None at end of input.
-
-    We read one byte at a time, so nothing typed after the name is read ahead and
-    hidden from select() in a buffer (the trap of mixing input() with select())."""
-    while True:
-        print("name: ", end="", flush=True)
-        line = bytearray()
-        while not line.endswith(b"\n"):
-            byte = os.read(stdin, 1)
-            if not byte:
-                return None
-            line += byte
-        name = line.decode("utf-8", errors="replace").strip()
-        if name:
-            return name
-
-
-# ---------------------------------------------------------------------------------------
-# LineEditor: keeping the typed line intact in a terminal. Skip this part on a first read.
-#
-# A terminal normally runs in line mode: it echoes your keys itself and hands us a line
-# only when you press Enter. A message printed meanwhile lands in the middle of what you
-# are typing. So, when stdin and stdout are a terminal, we turn line mode and echo off,
-# keep the line being typed here, and around everything we print we first wipe that line
-# off the screen, then draw it again below. Ctrl-C still interrupts, as usual.
-# Kept simple: a typed line wider than the terminal wraps, and we wipe only its last row.
-# ---------------------------------------------------------------------------------------
-CLEAR_LINE = "\r\x1b[K"   # to column 0, then erase to the end of the line (ANSI)
-# Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
-ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
-
-
-class LineEditor:
-    """The line being typed, kept and edited by us instead of by the terminal."""
-
-    def __init__(self, fd):
-        self.fd = fd
-        self.saved = termios.tcgetattr(fd)  # put back by restore(), on every way out
-        mode = termios.tcgetattr(fd)
-        mode[3] &= ~(termios.ICANON | termios.ECHO)  # lflag: each key at once, no echo
-        mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0  # read() waits for one byte
-        termios.tcsetattr(fd, termios.TCSANOW, mode)
-        self.chars = []  # one entry per character, so Backspace removes a character
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
-        self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
-
-    def restore(self):
-        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
-
-    def hide(self):
-        sys.stdout.write(CLEAR_LINE)
-
-    def show(self):
-        sys.stdout.write("".join(self.chars))
-        sys.stdout.flush()
-
-    def feed(self, data):
-        """Apply the keys in data. Returns the lines finished with Enter, and False once
-        Ctrl-D is pressed on an empty line."""
-        lines = []
-        for char in self.decoder.decode(data):
-            if self.escape:  # skip ESC [ or ESC O, then everything up to a final "@".."~"
-                if self.escape == ESC and char in "[O":
-                    self.escape += char
-                elif self.escape == ESC or "@" <= char <= "~":
-                    self.escape = ""  # the sequence ends here (Alt+key sends just ESC key)
-            elif char == ESC:
-                self.escape = ESC
-            elif char in ENTER:
-                lines.append("".join(self.chars))
-                self.chars.clear()
-            elif char in BACKSPACE:
-                del self.chars[-1:]
-            elif char == CTRL_U:
-                self.chars.clear()
-            elif char == CTRL_D and not self.chars:
-                return lines, False
-            elif char.isprintable():  # other control keys are ignored
-                self.chars.append(char)
-        return lines, bool(data)
-
-# ---------------------------------------------------------------------------------------
+def chat(sock, name, keyboard):
+    """The select loop. Returns the exit status."""
+    inbuf = bytearray()      # server bytes whose "\n" has not arrived yet
+    outbuf = bytearray()     # our lines that the kernel has not taken yet
+    typing = True            # False after quit or end of input: send what is queued, then go
+    while typing or outbuf:
+        # One wait for both: a line from the server can arrive while we type.
+        want_read = [sock, keyboard] if typing else [sock]
+        readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
+        keyboard.hide()  # in a terminal, the half-typed line steps aside while we print
+        if sock in readable and not show_received(sock, inbuf):
+            print("server closed the connection", file=sys.stderr)
+            return 1
+        if keyboard in readable:
+            typing = read_keyboard(keyboard, name, outbuf)
+        keyboard.show()  # and comes back below what we printed
+        if sock in writable:
+            try:
+                sent = sock.send(outbuf)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # EPIPE, ECONNRESET
+                print("server closed the connection", file=sys.stderr)
+                return 1
+            del outbuf[:sent]  # send() may take only part of it
+    return 0
 
 
 def show_received(sock, inbuf):
@@ -175,57 +88,165 @@ def show_received(sock, inbuf):
     return True
 
 
-def read_keyboard(stdin, typed, name, outbuf, editor):
+def harmless(raw):
+    """Decode bytes from the network and make them safe to print."""
+    return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
+
+
+def split_lines(buf):
+    """Remove the complete lines from buf (a bytearray); return them without line endings."""
+    *lines, rest = buf.split(b"\n")
+    buf[:] = rest
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def read_keyboard(keyboard, name, outbuf):
     """Queue each typed line as "name: line". False after quit, exit or end of input."""
-    # os.read(), not sys.stdin: sys.stdin reads ahead into a buffer that select() cannot see.
-    data = os.read(stdin, RECV_SIZE)
-    if editor:  # a terminal: the keys edit the line we keep
-        texts, typing = editor.feed(data)
-    else:
-        typed += data
-        lines = split_lines(typed)
-        if not data:  # end of input (Ctrl-D): an unfinished last line still counts
-            lines.append(bytes(typed))
-        texts, typing = [line.decode("utf-8", errors="replace") for line in lines], bool(data)
-    for text in texts:
+    lines, still_open = keyboard.read_lines()
+    for text in lines:
         if text.strip().lower() in QUIT_WORDS:
             return False
         if text:  # empty lines are not sent
             message = f"{name}: {text}"
             print(message, flush=True)
             outbuf += message.encode("utf-8") + b"\n"
-    return typing
+    return still_open
 
 
-def chat(sock, name, stdin, editor=None):
-    """The select loop. Returns the exit status. editor is a LineEditor in a terminal."""
-    typed = bytearray()      # keyboard bytes whose "\n" has not arrived yet
-    inbuf = bytearray()      # server bytes whose "\n" has not arrived yet
-    outbuf = bytearray()     # our lines that the kernel has not taken yet
-    typing = True            # False after quit or end of input: send what is queued, then leave
-    while typing or outbuf:
-        # One wait for both: a line from the server can arrive while we type.
-        want_read = [sock, stdin] if typing else [sock]
-        readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
-        if editor and readable:
-            editor.hide()  # wipe the typed line before we print anything
-        if sock in readable and not show_received(sock, inbuf):
-            print("server closed the connection", file=sys.stderr)
-            return 1
-        if stdin in readable:
-            typing = read_keyboard(stdin, typed, name, outbuf, editor)
-        if editor and readable:
-            editor.show()  # and draw it again, below what we printed
-        if sock in writable:
-            try:
-                sent = sock.send(outbuf)
-            except BlockingIOError:
-                sent = 0
-            except OSError:  # EPIPE, ECONNRESET
-                print("server closed the connection", file=sys.stderr)
-                return 1
-            del outbuf[:sent]  # send() may take only part of it
-    return 0
+class Keyboard:
+    """Standard input, read the select() way: with os.read() on its file descriptor, not
+    input() or sys.stdin, which read ahead into a buffer that select() cannot see."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.typed = bytearray()  # bytes whose "\n" has not arrived yet
+
+    def fileno(self):  # select() can watch any object that has this method
+        return self.fd
+
+    def read_lines(self):
+        """The lines that are complete now, and False at end of input."""
+        data = os.read(self.fd, RECV_SIZE)
+        self.typed += data
+        lines = split_lines(self.typed)
+        if not data:  # end of input (Ctrl-D): an unfinished last line still counts
+            lines.append(bytes(self.typed))
+        return [line.decode("utf-8", errors="replace") for line in lines], bool(data)
+
+    def hide(self):
+        """A terminal wipes the half-typed line here (TerminalKeyboard, in the fine print)."""
+
+    def show(self):
+        """... and draws it again here. From a pipe or a file there is nothing to do."""
+
+
+# The fine print ------------------------------------------------------------------------
+# What a real client needs besides the lesson: a keyboard that keeps the typed line
+# intact in a terminal, asking your name, connecting with clear errors, the command line.
+
+CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
+CLEAR_LINE = "\r\x1b[K"   # to column 0, then erase to the end of the line (ANSI)
+# Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
+ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
+
+try:
+    import termios  # POSIX terminals only
+    import tty
+except ImportError:
+    termios = tty = None
+
+
+class TerminalKeyboard(Keyboard):
+    """A terminal's keyboard, with the line being typed kept and edited by us.
+
+    A terminal normally runs in line mode: it echoes your keys itself and hands us a line
+    only when you press Enter, so a message printed meanwhile lands in the middle of what
+    you are typing. So we turn line mode and echo off (cbreak mode: Ctrl-C still
+    interrupts), keep the typed line here, and around everything the loop prints we wipe
+    it off the screen, then draw it again below. The editor knows Backspace, Ctrl-U,
+    Enter and Ctrl-D, and skips arrow keys (readline does far more). Kept simple: a typed
+    line wider than the terminal wraps, and we wipe only its last row."""
+
+    def __init__(self, fd):
+        super().__init__(fd)
+        self.saved = termios.tcgetattr(fd)  # put back by restore(), on every way out
+        tty.setcbreak(fd, termios.TCSANOW)  # each key at once, no echo; keep what was typed
+        self.chars = []  # one entry per character, so Backspace removes a character
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
+        self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
+
+    def restore(self):
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def hide(self):
+        sys.stdout.write(CLEAR_LINE)
+
+    def show(self):
+        sys.stdout.write("".join(self.chars))
+        sys.stdout.flush()
+
+    def read_lines(self):
+        """Apply the keys that are there. Returns the lines finished with Enter, and False
+        once Ctrl-D is pressed on an empty line."""
+        data = os.read(self.fd, RECV_SIZE)
+        lines = []
+        for char in self.decoder.decode(data):
+            if self.escape:  # skip ESC [ or ESC O, then everything up to a final "@".."~"
+                if self.escape == ESC and char in "[O":
+                    self.escape += char
+                elif self.escape == ESC or "@" <= char <= "~":
+                    self.escape = ""  # the sequence ends here (Alt+key sends just ESC key)
+            elif char == ESC:
+                self.escape = ESC
+            elif char in ENTER:
+                lines.append("".join(self.chars))
+                self.chars.clear()
+            elif char in BACKSPACE:
+                del self.chars[-1:]
+            elif char == CTRL_U:
+                self.chars.clear()
+            elif char == CTRL_D and not self.chars:
+                return lines, False
+            elif char.isprintable():  # other control keys are ignored
+                self.chars.append(char)
+        return lines, bool(data)
+
+
+def ask_name(fd):
+    """Ask for a name until we get one. Returns None at end of input. We read one byte at
+    a time, so nothing typed after the name is read ahead and hidden from select()."""
+    while True:
+        print("name: ", end="", flush=True)
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            byte = os.read(fd, 1)
+            if not byte:
+                return None
+            line += byte
+        name = line.decode("utf-8", errors="replace").strip()
+        if name:
+            return name
+
+
+def format_addr(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connect(host, port):
+    """A connected socket, or None after saying on stderr why there is none."""
+    where = format_addr(host, port)
+    try:
+        # create_connection tries every address the name resolves to (IPv6 and IPv4).
+        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except socket.gaierror as err:
+        print(f"error: cannot resolve host {host!r}: {err.strerror}", file=sys.stderr)
+    except ConnectionRefusedError:
+        print(f"error: cannot connect to {where}: connection refused (is the server running?)",
+              file=sys.stderr)
+    except OSError as err:
+        print(f"error: cannot connect to {where}: {(err.strerror or str(err)).lower()}",
+              file=sys.stderr)
+    return None
 
 
 def main(argv=None):
@@ -245,25 +266,12 @@ def main(argv=None):
               "run this client under WSL (Windows Subsystem for Linux)", file=sys.stderr)
         return 1
 
-    where = format_addr(args.host, args.port)
-    try:
-        # create_connection tries every address the name resolves to (IPv6 and IPv4).
-        sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT)
-    except socket.gaierror as err:
-        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
+    sock = connect(args.host, args.port)
+    if not sock:
         return 1
-    except ConnectionRefusedError:
-        print(f"error: cannot connect to {where}: connection refused (is the server running?)",
-              file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"error: cannot connect to {where}: {(err.strerror or str(err)).lower()}",
-              file=sys.stderr)
-        return 1
-
     sock.setblocking(False)
     stdin = sys.stdin.fileno()
-    editor = None
+    keyboard = None
     try:
         name = args.name.strip() if args.name and args.name.strip() else ask_name(stdin)
         if not name:
@@ -271,14 +279,16 @@ def main(argv=None):
         if os.isatty(stdin) and sys.stdout.isatty():
             # SIGTERM becomes KeyboardInterrupt too, so the finally below restores the terminal.
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-            editor = LineEditor(stdin)
-        return chat(sock, name, stdin, editor)
+            keyboard = TerminalKeyboard(stdin)
+        else:
+            keyboard = Keyboard(stdin)
+        return chat(sock, name, keyboard)
     except KeyboardInterrupt:  # Ctrl-C
         print()
         return 0
     finally:
-        if editor:
-            editor.restore()  # the shell needs its line mode and echo back
+        if isinstance(keyboard, TerminalKeyboard):
+            keyboard.restore()  # the shell needs its line mode and echo back
         sock.close()
 
 

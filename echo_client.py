@@ -16,6 +16,7 @@ once, before reading, could fill both directions of the connection and hang us b
 What it leaves out on purpose: it notices that the server went away only when it next
 sends a line, because it waits on the keyboard alone between lines. Step 3's chat client
 waits on the keyboard and the socket at once.
+What a real client needs besides the lesson comes after the line "The fine print".
 """
 import argparse
 import select
@@ -24,16 +25,11 @@ import sys
 
 DEFAULT_PORT = 7007       # the port of echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv()
-CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
 QUIT_WORDS = ("quit", "exit")
 
 
 class ServerClosed(Exception):
     """The server closed or reset the connection."""
-
-
-def format_addr(host, port):
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def echo_line(sock, line, inbuf):
@@ -90,6 +86,34 @@ def talk(sock):
         print(f"recv: {echoed}", flush=True)
 
 
+# The fine print ------------------------------------------------------------------------
+# What a real client needs besides the lesson: connecting with clear errors, and the
+# command line.
+
+CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
+
+
+def format_addr(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connect(host, port):
+    """A connected socket, or None after saying on stderr why there is none."""
+    where = format_addr(host, port)
+    try:
+        # create_connection tries every address the name resolves to (IPv6 and IPv4).
+        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except socket.gaierror as err:
+        print(f"error: cannot resolve host {host!r}: {err.strerror}", file=sys.stderr)
+    except ConnectionRefusedError:
+        print(f"error: cannot connect to {where}: connection refused (is the server running?)",
+              file=sys.stderr)
+    except OSError as err:
+        print(f"error: cannot connect to {where}: {(err.strerror or str(err)).lower()}",
+              file=sys.stderr)
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Step 2: send lines to an echo server and print what comes back. "
@@ -102,22 +126,9 @@ def main(argv=None):
     if not 0 < args.port <= 65535:
         parser.error("--port must be from 1 to 65535")
 
-    where = format_addr(args.host, args.port)
-    try:
-        # create_connection tries every address the name resolves to (IPv6 and IPv4).
-        sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT)
-    except socket.gaierror as err:
-        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
+    sock = connect(args.host, args.port)
+    if not sock:
         return 1
-    except ConnectionRefusedError:
-        print(f"error: cannot connect to {where}: connection refused (is the server running?)",
-              file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"error: cannot connect to {where}: {(err.strerror or str(err)).lower()}",
-              file=sys.stderr)
-        return 1
-
     sock.setblocking(False)
     try:
         return talk(sock)
