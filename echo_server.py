@@ -20,8 +20,7 @@ import sys
 import time
 
 DEFAULT_PORT = 7007         # the challenge's port
-# Every recv() lands in this one reused buffer: a new bytes object each time was slower.
-RECV_BUFFER = memoryview(bytearray(256 * 1024))
+RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: bench/README.md)
 OUTBUF_LIMIT = 256 * 1024   # stop reading a client whose unsent echo reaches this (backpressure)
 TICK = 0.5                  # select() returns at least this often, for the fine print's timers
 
@@ -81,18 +80,18 @@ def accept_clients(listener, clients, max_clients):
 
 def read_from(client, clients):
     try:
-        n = client.sock.recv_into(RECV_BUFFER)
+        data = client.sock.recv(RECV_SIZE)
     except BlockingIOError:
         return  # select() said readable, but the data was gone; try again next turn
     except OSError as err:  # ECONNRESET and friends: the client vanished
         drop_client(client, clients, f"dropped: {err.strerror or err}")
         return
-    if n == 0:  # no bytes: the client shut down its side. We send what is left, then close
+    if not data:  # b"": the client shut down its side. We send what is left, then close
         client.closing = True
         if not client.outbuf:
             drop_client(client, clients, "disconnected")
         return
-    client.outbuf += RECV_BUFFER[:n]  # the echo: write_to() sends it
+    client.outbuf += data  # the echo: write_to() sends it
 
 
 def write_to(client, clients):
