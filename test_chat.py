@@ -441,6 +441,12 @@ class EveryServerTests:
                 self.assertEqual(peer.read_to_eof(), b"")  # its socket was closed
                 no_traceback(self, server.stderr())
 
+    def test_the_first_log_line_says_how_many_clients_it_serves_in_plain_english(self):
+        for seats, words in (("1", "serving up to 1 client at once"),
+                             ("2", "serving up to 2 clients at once")):
+            with self.subTest(seats=seats):
+                Server(self, self.script, "--max-clients", seats).wait_for_log(words)
+
     def test_port_in_use_is_a_one_line_error_and_exit_1(self):
         server = Server(self, self.script)
         second = Proc(self, self.script, "--port", str(server.port))
