@@ -37,6 +37,8 @@ class Client:
         self.inbuf = bytearray()    # the start of a line whose "\n" has not arrived yet
         self.outbuf = bytearray()   # bytes for this client that the kernel has not taken yet
         self.closing = False        # it has left: close once outbuf is sent
+        self.last_sent = time.monotonic()  # when send() last took some of outbuf
+        self.behind_since = None    # since when it holds the room back: see stuck()
 
 
 def serve(listener, max_clients):
@@ -46,7 +48,8 @@ def serve(listener, max_clients):
         # Ask only for what we can act on. Watching a socket for writability while we
         # have nothing to send would wake us at once, every turn: 100% CPU.
         want_read = [listener] if accepting() else []
-        want_read += [c.sock for c in clients.values() if not c.closing]
+        if not room_is_waiting(clients):  # flood control: see the fine print
+            want_read += [c.sock for c in clients.values() if not c.closing]
         want_write = [c.sock for c in clients.values() if c.outbuf]
 
         # The one place we wait. Writable means the kernel's send buffer has room, not that
@@ -65,6 +68,7 @@ def serve(listener, max_clients):
             if client.outbuf:
                 write_to(client, clients)
         drop_slow_consumers(clients)
+        close_stalled_leavers(clients)
 
 
 def accept_clients(listener, clients, max_clients):
@@ -137,6 +141,7 @@ def write_to(client, clients):
         drop_client(client, clients, f"dropped: {err.strerror or err}")
         return
     del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
+    client.last_sent = time.monotonic()
     if client.closing and not client.outbuf:
         drop_client(client, clients, "disconnected")
 
@@ -145,7 +150,7 @@ def drop_slow_consumers(clients):
     """A client that does not read while others talk piles up output. Dropping it keeps
     one stuck reader from stalling the room or eating our memory."""
     for client in list(clients.values()):
-        if len(client.outbuf) > OUTBUF_LIMIT:
+        if len(client.outbuf) > OUTBUF_LIMIT or stuck(client):
             drop_client(client, clients, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
 
 
@@ -179,12 +184,31 @@ ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of de
 FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
 SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
 accept_paused_until = 0.0   # set by accept_waiting(), read by accepting()
+log_lost = 0                # log lines that stderr could not take: see log()
+drain_timeout = 10.0        # seconds a client that has left may take nothing (--drain-timeout)
+BEHIND = 64 * 1024          # unsent bytes past which a client holds the room back
+STALL_LIMIT = 2.0           # seconds a client may hold the room back before it is dropped
 SERVER_FULL = b"error: server full, try again later\n"
 
 
 def log(message):
-    # Simple, but it blocks if stderr is a pipe nobody reads; a bigger server logs to a file.
-    print(message, file=sys.stderr, flush=True)
+    """One line on stderr, but never at the cost of the server: we write only if stderr
+    has room now. If it is a pipe nobody reads, a full disk or closed, the line is dropped
+    and counted, and the count goes out with the next line that can be written."""
+    global log_lost
+    line = f"{message}\n"
+    if log_lost:
+        line = f"({log_lost} log line{'s' if log_lost != 1 else ''} lost)\n" + line
+    data = line.encode("utf-8", errors="replace")
+    try:
+        # On Windows, select() watches sockets only: there we just write (and may wait).
+        if os.name == "nt" or select.select([], [2], [], 0)[1]:
+            if os.write(2, data) == len(data):  # a short line fits whole in a pipe with room
+                log_lost = 0
+                return
+    except (OSError, ValueError):  # EPIPE, EBADF, ENOSPC; EFBIG at the file size limit
+        pass
+    log_lost += 1
 
 
 def format_addr(addr):
@@ -226,6 +250,38 @@ def accept_waiting(listener):
             return
 
 
+def close_stalled_leavers(clients):
+    """A client that has left gets what is queued for it only while it keeps taking it.
+    After drain_timeout seconds in which send() took nothing, we close it and free its
+    seat; otherwise a client that stops reading, then shuts down its side, would keep
+    its seat for ever."""
+    now = time.monotonic()
+    for client in list(clients.values()):
+        if client.closing and now - client.last_sent > drain_timeout:
+            log(f"{client.name} closed: took nothing for {drain_timeout:g} s after leaving")
+            drop_client(client, clients, "")
+
+
+def room_is_waiting(clients):
+    """Flood control. While someone still in the room has more than BEHIND bytes unsent,
+    we read no one: TCP then slows every sender down to the pace of the slowest reader.
+    This is step 1's backpressure, applied to the whole room, so one client sending as
+    fast as it can never gets readers who read at a normal pace dropped."""
+    return any(len(c.outbuf) > BEHIND and not c.closing for c in clients.values())
+
+
+def stuck(client):
+    """True once client has held the room back for STALL_LIMIT seconds on end: it is not
+    reading, and drop_slow_consumers() drops it. So one stuck reader stalls the room for
+    STALL_LIMIT seconds at most."""
+    if client.closing or len(client.outbuf) <= BEHIND:
+        client.behind_since = None
+        return False
+    if client.behind_since is None:
+        client.behind_since = time.monotonic()
+    return time.monotonic() - client.behind_since > STALL_LIMIT
+
+
 def select_can_watch(sock, clients):
     """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
     cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
@@ -263,6 +319,7 @@ def open_listener(host, port):
 
 
 def main(argv=None):
+    global drain_timeout
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; "
@@ -272,12 +329,25 @@ def main(argv=None):
     parser.add_argument("--max-clients", type=int, default=default_max_clients(),
                         help="connections served at once; more are refused "
                              "(default: %(default)s here, the most select() can watch)")
+    parser.add_argument("--drain-timeout", type=float, default=drain_timeout, metavar="SECONDS",
+                        help="close a client that has left once it has taken none of its "
+                             "pending output for this long (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
     if args.max_clients < 1:
         parser.error("--max-clients must be at least 1")
+    if args.drain_timeout <= 0:
+        parser.error("--drain-timeout must be more than 0")
 
+    drain_timeout = args.drain_timeout
+    # A closed stdin, stdout or stderr gets /dev/null in its place. Otherwise the next
+    # socket we open would take its number, and log lines would go to a client.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
     try:
         listener = open_listener(args.host, args.port)
     except socket.gaierror as err:
@@ -289,12 +359,19 @@ def main(argv=None):
               f"{(err.strerror or str(err)).lower()}{hint}", file=sys.stderr)
         return 1
 
-    # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) do the same.
-    # A signal that lands just before select() starts to wait is seen only when select()
-    # returns: that is one more reason for TICK, or the server could ignore it for good.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
+    # (the terminal went away) do the same. A signal that lands just before select() starts
+    # to wait is seen only when select() returns: one more reason for TICK.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):  # Windows has no SIGHUP
+            signal.signal(getattr(signal, name), signal.default_int_handler)
+    if hasattr(signal, "SIGXFSZ"):  # a log file at its size limit (ulimit -f) must not kill us:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead, see log()
     try:
-        print(f"chat server listening on {format_addr(listener.getsockname())}", flush=True)
+        try:
+            print(f"chat server listening on {format_addr(listener.getsockname())}", flush=True)
+        except OSError:  # stdout is closed or nobody reads it: serve all the same
+            pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
         serve(listener, args.max_clients)

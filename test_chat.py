@@ -87,7 +87,7 @@ class Proc:
     terminal and read the screen (stdout and stderr together). Otherwise stdin and
     stdout are pipes and stderr goes to a file."""
 
-    def __init__(self, test, script, *args, tty=False, preexec_fn=None):
+    def __init__(self, test, script, *args, tty=False, preexec_fn=None, stderr=None):
         cmd = [sys.executable, os.path.join(HERE, script), *args]
         self.raw = bytearray()
         self.err = None
@@ -99,6 +99,12 @@ class Proc:
             os.close(slave)
             self.in_fd = self.out_fd = master
             test.addCleanup(os.close, master)
+        elif stderr is not None:  # the test's own pipe or file: it reads it, or not
+            self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=stderr, preexec_fn=preexec_fn)
+            self.in_fd, self.out_fd = self.popen.stdin.fileno(), self.popen.stdout.fileno()
+            test.addCleanup(self.popen.stdout.close)
+            test.addCleanup(self.close_stdin)
         else:
             # stderr goes to a file of its own. (A file object shared with the child would
             # share its offset too: our reads would move where the child writes.)
@@ -184,8 +190,8 @@ class Proc:
 class Server(Proc):
     """A server started on --port 0; .port is the port it reports."""
 
-    def __init__(self, test, script, *args, preexec_fn=None):
-        super().__init__(test, script, "--port", "0", *args, preexec_fn=preexec_fn)
+    def __init__(self, test, script, *args, preexec_fn=None, stderr=None):
+        super().__init__(test, script, "--port", "0", *args, preexec_fn=preexec_fn, stderr=stderr)
         self.expect("\n")
         match = LISTENING.fullmatch(self.output.strip())
         test.assertTrue(match, f"unexpected first line: {self.output!r}")
@@ -431,8 +437,8 @@ class EveryServerTests:
         self.assertNotEqual(server.port, 0)
         self.assertFalse(self.is_refused(Peer(self, server.port)))
 
-    def test_sigint_and_sigterm_exit_0_without_a_traceback(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+    def test_sigint_sigterm_and_sighup_exit_0_without_a_traceback(self):
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
             with self.subTest(signal=sig.name):
                 server = Server(self, self.script)
                 peer = Peer(self, server.port)
@@ -440,6 +446,64 @@ class EveryServerTests:
                 self.assertEqual(server.stop(sig), 0)
                 self.assertEqual(peer.read_to_eof(), b"")  # its socket was closed
                 no_traceback(self, server.stderr())
+
+    # The log never takes a server down. A line that stderr cannot take now is dropped
+    # and counted; the server goes on serving, and stops at once when asked.
+
+    def churn(self, server, n):
+        """n clients in a row connect, are served and leave: two log lines each."""
+        for _ in range(n):
+            peer = Peer(self, server.port)
+            self.assertFalse(self.is_refused(peer))
+            peer.sock.close()
+
+    def serves_and_stops_at_once(self, server):
+        self.assertFalse(self.is_refused(Peer(self, server.port)))
+        server.popen.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(timeout=2), 0)
+
+    def test_a_log_pipe_whose_reader_has_gone_costs_log_lines_not_the_server(self):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # as with 2>&1 | head -1, once head has its line and exits
+        try:
+            server = Server(self, self.script, stderr=write_end)
+        finally:
+            os.close(write_end)
+        self.churn(server, 5)
+        self.serves_and_stops_at_once(server)
+
+    @needs_linux_limits
+    def test_a_log_file_at_its_size_limit_costs_log_lines_not_the_server(self):
+        def limit_file_size():  # as a full disk would, without filling one
+            os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+            resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+        with tempfile.TemporaryFile() as log_file:
+            server = Server(self, self.script, stderr=log_file, preexec_fn=limit_file_size)
+            self.churn(server, 10)
+            self.serves_and_stops_at_once(server)
+            self.assertEqual(os.fstat(log_file.fileno()).st_size, 300)
+
+    @unittest.skipUnless(fcntl and sys.platform.startswith("linux"), "sets a pipe's size (Linux)")
+    def test_a_log_pipe_nobody_reads_costs_log_lines_and_later_says_how_many(self):
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # full in a few dozen lines
+        try:
+            server = Server(self, self.script, stderr=write_end)
+        finally:
+            os.close(write_end)
+        self.churn(server, 100)  # 200 log lines: twice what the pipe holds, and nobody reads
+        os.set_blocking(read_end, False)
+        self.assertNotIn(b"lost", os.read(read_end, 65536))  # now someone reads it all
+        self.churn(server, 1)
+        later = bytearray()
+
+        def read_later():
+            if select.select([read_end], [], [], 0)[0]:
+                later.extend(os.read(read_end, 65536))
+            return b"log lines lost)\n" in later
+        wait_until(read_later, "the count of lost log lines")
+        self.serves_and_stops_at_once(server)
 
     def test_the_first_log_line_says_how_many_clients_it_serves_in_plain_english(self):
         for seats, words in (("1", "serving up to 1 client at once"),
