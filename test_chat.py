@@ -290,6 +290,49 @@ def press_and_expect_a_clean_exit(test, client, key):
     no_traceback(test, client.read_to_end())
 
 
+def tcp_queues(port_a, port_b):
+    """For the loopback connection between two ports: (bytes queued to send, bytes
+    received but not read yet) at each end, keyed by (local port, remote port), all
+    read at one moment from /proc/net/tcp (Linux)."""
+    queues = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                ends = int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)
+                if set(ends) == {port_a, port_b}:
+                    tx, rx = fields[4].split(":")
+                    queues[ends] = int(tx, 16), int(rx, 16)
+    return queues
+
+
+def queue_output_beyond_the_kernel(server_port, feeder, leaver, chunk, at_least):
+    """Have the server queue output for leaver, which never reads, until at_least bytes
+    of it wait in the server's outbuf because the kernel's buffers for it are full.
+    feeder sends chunks that the server turns into output for leaver, byte for byte
+    (feeder is leaver itself for echo). What is in outbuf is what was fed, less what
+    the kernel holds at either end."""
+    feeder_port, leaver_port = feeder.getsockname()[1], leaver.getsockname()[1]
+    fed = 0
+    for _ in range(2000):  # 32 MB at most
+        feeder.sendall(chunk)
+        fed += len(chunk)
+        wait_until(lambda: tcp_queues(server_port, feeder_port)[server_port, feeder_port][1] == 0,
+                   "the server to read what was sent")
+        queues = tcp_queues(server_port, leaver_port)
+        in_kernel = queues[server_port, leaver_port][0] + queues[leaver_port, server_port][1]
+        if fed - in_kernel >= at_least:
+            return
+    raise AssertionError("the kernel kept taking output")
+
+
+def a_small_receive_buffer():
+    """A socket that will hold little of what it is sent: the rest waits at the server."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
 # ---------------------------------------------------------------------------------------
 # Step 1: echo_server.py
 # ---------------------------------------------------------------------------------------
@@ -383,6 +426,19 @@ class EchoServerTest(unittest.TestCase):
         writer.kill()
         wait_until(lambda: self.server.stderr().count("dropped") + self.server.stderr().count(
             "disconnected") >= 1, "the killed client to be dropped")
+        self.assertEqual(self.echo(other, b"still here"), b"still here")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc/net/tcp")
+    def test_a_client_that_has_left_and_takes_nothing_gives_up_its_seat(self):
+        server = Server(self, "echo_server.py", "--max-clients", "2", "--drain-timeout", "1")
+        other = Peer(self, server.port)
+        leaver = a_small_receive_buffer()
+        self.addCleanup(leaver.close)
+        leaver.connect(("127.0.0.1", server.port))
+        queue_output_beyond_the_kernel(server.port, leaver, leaver, os.urandom(16 * 1024), 96 * 1024)
+        leaver.shutdown(socket.SHUT_WR)  # it leaves, and never reads what is queued for it
+        server.wait_for_log("closed: took nothing for 1 s after leaving (1 online)")
+        self.assertEqual(self.echo(Peer(self, server.port), b"a seat again"), b"a seat again")
         self.assertEqual(self.echo(other, b"still here"), b"still here")
 
     def test_connections_beyond_max_clients_are_closed_at_once(self):
@@ -927,6 +983,63 @@ class ChatServerTest(unittest.TestCase):
         self.assertEqual(got, flood.split(b"\n")[:-1])
         self.assertIn("dropped: too slow", self.server.stderr())
         self.assertLess(peak_rss_mb(self.server.pid), 80)
+
+    def test_one_client_flooding_gets_no_reader_dropped_and_every_line_arrives(self):
+        # One client sends lines as fast as TCP takes them, for 1.5 s. Four real chat
+        # clients read them and print each one, at the pace a chat client reads.
+        readers = [Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port",
+                        str(self.server.port), "--name", f"reader{i}") for i in range(4)]
+        for reader in readers:
+            reader.expect("Welcome to the chatroom!\n")
+        flooder = self.join()
+        flooder.sock.setblocking(False)
+
+        def line(n):
+            return b"%09d " % n + b"f" * 44 + b"\n"
+        unsent, lines_sent = bytearray(), 0
+        by_fd = {reader.out_fd: reader for reader in readers}
+        flood_ends = time.monotonic() + 1.5
+        while time.monotonic() < flood_ends or unsent:
+            self.assertLess(time.monotonic(), flood_ends + WAIT, "the flood did not get through")
+            if not unsent and time.monotonic() < flood_ends:
+                unsent += b"".join(line(lines_sent + i) for i in range(1000))
+                lines_sent += 1000
+            readable, writable, _ = select.select(list(by_fd), [flooder.sock] if unsent else [], [], 1)
+            if writable:
+                del unsent[:flooder.sock.send(unsent)]
+            for fd in readable:  # the readers' output must be read, or they would stall
+                by_fd[fd].raw += os.read(fd, 1 << 20)
+        flooder.sock.setblocking(True)
+        flooder.send(b"END\n")
+        end = time.monotonic() + WAIT
+        while not all(reader.raw.endswith(b"\nEND\n") for reader in readers):
+            self.assertLess(time.monotonic(), end, "END did not reach every reader")
+            for fd in select.select(list(by_fd), [], [], 1)[0]:
+                by_fd[fd].raw += os.read(fd, 1 << 20)
+        self.assertNotIn("dropped", self.server.stderr())
+        expected = b"".join(line(n) for n in range(lines_sent))
+        for reader in readers:  # every line, once, in order
+            got = b"".join(row + b"\n" for row in reader.raw.split(b"\n") if row.endswith(b"f" * 44))
+            self.assertEqual(len(got), len(expected))
+            self.assertTrue(got == expected, "lines lost, duplicated or reordered")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc/net/tcp")
+    def test_a_client_that_has_left_and_takes_nothing_gives_up_its_seat(self):
+        server = Server(self, "chat_server.py", "--max-clients", "2", "--drain-timeout", "1")
+        leaver = a_small_receive_buffer()
+        self.addCleanup(leaver.close)
+        leaver.connect(("127.0.0.1", server.port))
+        talker = self.join(server)
+        queue_output_beyond_the_kernel(server.port, talker.sock, leaver, (b"z" * 99 + b"\n") * 80,
+                                       32 * 1024)
+        leaver.shutdown(socket.SHUT_WR)  # it leaves, and never reads what is queued for it
+        self.assertEqual(talker.line(), b"* a user left (1 online)")
+        # Closed after --drain-timeout; or, had more than 64 KiB been queued, dropped after
+        # 2 s for holding the room back. Either way, its seat is free again.
+        wait_until(lambda: re.search(r"closed: took nothing|dropped: too slow", server.stderr()),
+                   "the leaver to be closed")
+        self.assertEqual(self.join(server).buf, b"")  # welcomed: the seat is free again
+        self.assertEqual(talker.line(), b"* a user joined (2 online)")
 
     def test_connections_beyond_max_clients_are_told_the_server_is_full(self):
         server = Server(self, "chat_server.py", "--max-clients", "2")
