@@ -58,9 +58,8 @@ def serve(listener, max_clients):
                 accept_clients(listener, clients, max_clients)
             elif sock in clients:  # skip a client dropped earlier in this pass
                 read_from(clients[sock], clients)
-        # One send() to every client with output, not only to those select() found writable:
-        # what was queued this turn leaves this turn, not next turn (speed: bench/README.md).
-        # A socket that is still full refuses with BlockingIOError, which costs nothing.
+        # One send() to every client with output, not only to those select() found writable,
+        # so what was queued this turn leaves this turn (speed). A full socket just refuses.
         for client in list(clients.values()):
             if client.outbuf:
                 write_to(client, clients)
@@ -131,8 +130,8 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 accept_paused_until = 0.0   # set by accept_waiting(), read by accepting()
 log_lost = 0                # log lines that stderr could not take: see log()
 # The kernel's send buffer for each client. Left to itself, Linux grows it to 4 MB for a
-# client that does not read: 4.3 MB of the host's memory per such client, measured with
-# bench/slow_readers.py. At 256 KiB it is 733 KB, and bulk echo loses nothing (bench/README.md).
+# client that does not read: that much of the host's memory for each such client. We
+# set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 256 * 1024
 drain_timeout = 10.0        # seconds a client that has left may take nothing (--drain-timeout)
 
