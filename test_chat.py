@@ -80,6 +80,17 @@ def take_controlling_tty():
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if we were started with it ignored
 
 
+def with_default_sigint(preexec_fn=None):
+    """A preexec_fn: SIGINT back at its default, so a test can send it, even when the suite
+    runs as a background job of a script (which starts with SIGINT ignored); then
+    preexec_fn, if any."""
+    def preexec():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn:
+            preexec_fn()
+    return preexec
+
+
 class Proc:
     """One of the scripts, running as a subprocess.
 
@@ -101,7 +112,7 @@ class Proc:
             test.addCleanup(os.close, master)
         elif stderr is not None:  # the test's own pipe or file: it reads it, or not
             self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=stderr, preexec_fn=preexec_fn)
+                                          stderr=stderr, preexec_fn=with_default_sigint(preexec_fn))
             self.in_fd, self.out_fd = self.popen.stdin.fileno(), self.popen.stdout.fileno()
             test.addCleanup(self.popen.stdout.close)
             test.addCleanup(self.close_stdin)
@@ -113,7 +124,7 @@ class Proc:
             test.addCleanup(os.remove, self.err)
             with open(self.err, "ab") as err:
                 self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=err, preexec_fn=preexec_fn)
+                                              stderr=err, preexec_fn=with_default_sigint(preexec_fn))
             self.in_fd, self.out_fd = self.popen.stdin.fileno(), self.popen.stdout.fileno()
             test.addCleanup(self.popen.stdout.close)
             test.addCleanup(self.close_stdin)
