@@ -78,8 +78,7 @@ def accept_clients(listener, clients, max_clients):
         if len(clients) >= max_clients or not select_can_watch(sock, clients):
             refuse(sock, name, clients)
             continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # send small writes at once
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)  # see the fine print
+        set_socket_options(sock)  # see the fine print: no Nagle delay, a bounded buffer
         client = clients[sock] = Client(sock, name)
         client.outbuf += WELCOME
         broadcast(f"* a user joined ({online(clients)} online)\n".encode(), clients, sender=client)
@@ -229,6 +228,13 @@ def refuse(sock, name, clients):
     except OSError:
         pass
     sock.close()
+
+
+def set_socket_options(sock):
+    # Send each small write at once. Nagle's algorithm would hold it back until the one
+    # before is acknowledged, which can add 40 ms to a chat line (bench/nagle.py).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
 
 
 def accepting():
