@@ -110,21 +110,22 @@ class Proc:
             os.close(slave)
             self.in_fd = self.out_fd = master
             test.addCleanup(os.close, master)
-        elif stderr is not None:  # the test's own pipe or file: it reads it, or not
-            self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=stderr, preexec_fn=with_default_sigint(preexec_fn))
-            self.in_fd, self.out_fd = self.popen.stdin.fileno(), self.popen.stdout.fileno()
-            test.addCleanup(self.popen.stdout.close)
-            test.addCleanup(self.close_stdin)
         else:
-            # stderr goes to a file of its own. (A file object shared with the child would
-            # share its offset too: our reads would move where the child writes.)
-            fd, self.err = tempfile.mkstemp(prefix="test_chat.", suffix=".log")
-            os.close(fd)
-            test.addCleanup(os.remove, self.err)
-            with open(self.err, "ab") as err:
+            # stderr goes to a file of its own, unless the test brings its own pipe or file.
+            # (A file object shared with the child would share its offset too: our reads
+            # would move where the child writes.)
+            err_file = None
+            if stderr is None:
+                fd, self.err = tempfile.mkstemp(prefix="test_chat.", suffix=".log")
+                os.close(fd)
+                test.addCleanup(os.remove, self.err)
+                stderr = err_file = open(self.err, "ab")
+            try:
                 self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=err, preexec_fn=with_default_sigint(preexec_fn))
+                                              stderr=stderr, preexec_fn=with_default_sigint(preexec_fn))
+            finally:
+                if err_file:
+                    err_file.close()
             self.in_fd, self.out_fd = self.popen.stdin.fileno(), self.popen.stdout.fileno()
             test.addCleanup(self.popen.stdout.close)
             test.addCleanup(self.close_stdin)
