@@ -34,9 +34,13 @@ QUIT_WORDS = ("quit", "exit")
 
 # Text from the network may carry terminal control sequences: ESC [2J clears the screen,
 # ESC ]0; sets the window title. We show every C0 control but tab, DEL and the C1 controls
-# as a visible \xNN escape instead of writing it raw.
+# as a visible \xNN escape instead of writing it raw. The same goes for the characters that
+# reorder or hide text (bidi controls, line separators, zero-width ones, the BOM), with
+# which one user could make a line look as if another user wrote it.
 CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
-MAKE_VISIBLE = {code: f"\\x{code:02x}" for code in CONTROLS}
+HIDDEN = [0x061c, *range(0x200b, 0x2010), *range(0x2028, 0x202f), *range(0x2060, 0x206a), 0xfeff]
+MAKE_VISIBLE = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                for code in CONTROLS + HIDDEN}
 
 
 def chat(sock, name, keyboard):
@@ -228,6 +232,21 @@ def ask_name(fd):
             return name
 
 
+def keep_stdio_usable():
+    """No traceback, whatever stdin, stdout and stderr are. A closed one gets /dev/null in
+    its place (or our socket could take its number), and a terminal that cannot show a
+    character shows a replacement instead of failing."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+        if getattr(sys, name) is None:  # Python found it closed at start
+            setattr(sys, name, open(fd, mode, closefd=False))
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="replace")
+
+
 def format_addr(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -266,6 +285,7 @@ def main(argv=None):
               "run this client under WSL (Windows Subsystem for Linux)", file=sys.stderr)
         return 1
 
+    keep_stdio_usable()
     sock = connect(args.host, args.port)
     if not sock:
         return 1
@@ -285,6 +305,9 @@ def main(argv=None):
         return chat(sock, name, keyboard)
     except KeyboardInterrupt:  # Ctrl-C
         print()
+        return 0
+    except BrokenPipeError:  # nobody reads our output any more (| head -1): leave quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         if isinstance(keyboard, TerminalKeyboard):

@@ -19,13 +19,15 @@ waits on the keyboard and the socket at once.
 What a real client needs besides the lesson comes after the line "The fine print".
 """
 import argparse
+import os
 import select
 import socket
 import sys
 
 DEFAULT_PORT = 7007       # the port of echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv()
-QUIT_WORDS = ("quit", "exit")
+LINE_LIMIT = 64 * 1024    # beyond our own line, the most we keep while no newline comes back
+QUIT_WORDS = (b"quit", b"exit")
 
 
 class ServerClosed(Exception):
@@ -33,14 +35,13 @@ class ServerClosed(Exception):
 
 
 def echo_line(sock, line, inbuf):
-    """Send one line and return the echoed line, once all of it is back.
-
-    inbuf keeps bytes that arrived after the newline for the next call. Any RFC 862 server
-    sends back exactly what we sent, so with one line in flight there are none, but a
-    byte stream makes no promise about where one recv() ends."""
-    outbuf = bytearray(line.encode("utf-8") + b"\n")
+    """Send one line (bytes, ending in "\n"); return the next line that comes back, once
+    all of it is back. A byte stream makes no promise about where one recv() ends, so
+    inbuf keeps what arrived after that line for the next call."""
+    outbuf = bytearray(line)
+    limit = len(line) + LINE_LIMIT  # the most we keep without a newline: memory stays bounded
     complete = b"\n" in inbuf
-    while not complete:
+    while outbuf or not (complete or len(inbuf) >= limit):
         # Watch for writability only while we still have bytes to send.
         readable, writable, _ = select.select([sock], [sock] if outbuf else [], [])
         if writable:
@@ -61,29 +62,33 @@ def echo_line(sock, line, inbuf):
             if not data:  # b"": the server closed the connection
                 raise ServerClosed
             inbuf += data
-            complete = b"\n" in data  # look in the new piece only, not all of inbuf again
+            complete = complete or b"\n" in data  # look in the new piece only (speed)
+    if not complete:  # no newline in sight: what we have is all we keep
+        echoed = bytes(inbuf)
+        inbuf.clear()
+        return echoed
     echoed, _, rest = inbuf.partition(b"\n")
     inbuf[:] = rest
-    return echoed.decode("utf-8", errors="replace")
+    return bytes(echoed)
 
 
 def talk(sock):
     """The send/recv loop of the challenge. Returns the exit status."""
     inbuf = bytearray()
     while True:
-        try:
-            line = input("send: ")
-        except EOFError:  # Ctrl-D, or the end of piped input
+        print("send: ", end="", flush=True)
+        line = sys.stdin.buffer.readline()  # bytes, as typed: nothing to decode, nothing to fail
+        if not line:  # Ctrl-D, or the end of piped input
             print()
             return 0
         if line.strip().lower() in QUIT_WORDS:
             return 0
         try:
-            echoed = echo_line(sock, line, inbuf)
+            echoed = echo_line(sock, line if line.endswith(b"\n") else line + b"\n", inbuf)
         except ServerClosed:
             print("server closed the connection", file=sys.stderr)
             return 1
-        print(f"recv: {echoed}", flush=True)
+        print(f"recv: {harmless(echoed)}", flush=True)
 
 
 # The fine print ------------------------------------------------------------------------
@@ -91,6 +96,32 @@ def talk(sock):
 # command line.
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
+# What the server sends back is shown harmlessly, as in step 3 (chat_client.py says why):
+# control characters, and the characters that reorder or hide text, are made visible.
+CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
+HIDDEN = [0x061c, *range(0x200b, 0x2010), *range(0x2028, 0x202f), *range(0x2060, 0x206a), 0xfeff]
+MAKE_VISIBLE = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                for code in CONTROLS + HIDDEN}
+
+
+def harmless(raw):
+    """Decode bytes from the network and make them safe to print."""
+    return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
+
+
+def keep_stdio_usable():
+    """No traceback, whatever stdin, stdout and stderr are. A closed one gets /dev/null in
+    its place (or our socket could take its number), and a terminal that cannot show a
+    character shows a replacement instead of failing."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+        if getattr(sys, name) is None:  # Python found it closed at start
+            setattr(sys, name, open(fd, mode, closefd=False))
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="replace")
 
 
 def format_addr(host, port):
@@ -126,6 +157,7 @@ def main(argv=None):
     if not 0 < args.port <= 65535:
         parser.error("--port must be from 1 to 65535")
 
+    keep_stdio_usable()
     sock = connect(args.host, args.port)
     if not sock:
         return 1
@@ -134,6 +166,9 @@ def main(argv=None):
         return talk(sock)
     except KeyboardInterrupt:  # Ctrl-C
         print()
+        return 0
+    except BrokenPipeError:  # nobody reads our output any more (| head -1): leave quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         sock.close()

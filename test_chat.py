@@ -98,7 +98,7 @@ class Proc:
     terminal and read the screen (stdout and stderr together). Otherwise stdin and
     stdout are pipes and stderr goes to a file."""
 
-    def __init__(self, test, script, *args, tty=False, preexec_fn=None, stderr=None):
+    def __init__(self, test, script, *args, tty=False, preexec_fn=None, stderr=None, env=None):
         cmd = [sys.executable, os.path.join(HERE, script), *args]
         self.raw = bytearray()
         self.err = None
@@ -122,7 +122,8 @@ class Proc:
                 stderr = err_file = open(self.err, "ab")
             try:
                 self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=stderr, preexec_fn=with_default_sigint(preexec_fn))
+                                              stderr=stderr, preexec_fn=with_default_sigint(preexec_fn),
+                                              env=env)
             finally:
                 if err_file:
                     err_file.close()
@@ -710,9 +711,9 @@ class EchoClientTest(unittest.TestCase):
     def setUp(self):
         self.server = Server(self, "echo_server.py")
 
-    def client(self, *args, tty=False):
+    def client(self, *args, tty=False, preexec_fn=None):
         return Proc(self, "echo_client.py", "--host", "127.0.0.1",
-                    "--port", str(self.server.port), *args, tty=tty)
+                    "--port", str(self.server.port), *args, tty=tty, preexec_fn=preexec_fn)
 
     def test_send_and_recv_as_in_the_challenge(self):
         client = self.client()
@@ -784,6 +785,72 @@ class EchoClientTest(unittest.TestCase):
         self.assertEqual(client.wait(), 1)
         self.assertEqual(client.stderr(), f"error: cannot connect to 127.0.0.1:{port}: "
                                           "connection refused (is the server running?)\n")
+
+    def test_what_comes_back_is_shown_harmlessly(self):
+        client = self.client()
+        client.type("\x1b[2J\x1b]0;pwned\x07 \u202egnp.exe\n")
+        client.expect("recv: \\x1b[2J\\x1b]0;pwned\\x07 \\u202egnp.exe\n")
+        for raw in (b"\x1b", b"\x07", "\u202e".encode()):
+            self.assertNotIn(raw, client.raw)
+
+    def test_invalid_utf8_typed_is_sent_as_it_is(self):
+        client = self.client()
+        client.type(b"caf\xe9\n")
+        client.expect("recv: caf\ufffd\n")
+        client.close_stdin()
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.stderr())
+
+    def fake_server(self):
+        """A listening socket of our own; returns it and its port."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(WAIT)
+        return listener, listener.getsockname()[1]
+
+    def test_every_typed_line_is_sent_even_if_the_server_sends_more(self):
+        listener, port = self.fake_server()
+        client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(WAIT)
+        conn.sendall(b"a line we never sent\nand another\n")  # both arrive in one recv()
+        client.type("one\ntwo\nthree\n")
+        received = b""
+        while received.count(b"\n") < 3:
+            data = conn.recv(65536)
+            self.assertTrue(data, f"the client closed after sending {received!r}")
+            conn.sendall(data)  # and we echo, as RFC 862 says
+            received += data
+        self.assertEqual(received, b"one\ntwo\nthree\n")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_memory_stays_bounded_against_a_server_that_never_sends_a_newline(self):
+        listener, port = self.fake_server()
+        client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        client.type("hello\n")
+        conn.setblocking(False)
+        endless, sent, end = b"x" * (1 << 20), 0, time.monotonic() + 1.5
+        while time.monotonic() < end and sent < 500 * 1024 * 1024:  # as much as it takes
+            client._read_some(0)
+            if select.select([], [conn], [], 0.05)[1]:
+                sent += conn.send(endless)
+        self.assertLess(peak_rss_mb(client.pid), 60, f"{sent} bytes sent")
+        client.expect("recv: xxxx")
+
+    def test_a_closed_stdout_ends_it_quietly(self):
+        client = self.client()
+        client.popen.stdout.close()  # as | head -1 does once it has its line
+        client.type("hello\n")
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.stderr())
+
+    def test_a_closed_stdin_is_the_end_of_input(self):
+        client = self.client(preexec_fn=lambda: os.close(0))
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.stderr())
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_ctrl_c_ends_it_cleanly(self):
@@ -1187,6 +1254,44 @@ class ChatClientTest(unittest.TestCase):
         self.assertIn("bad \ufffd utf-8\n", client.output)
         for raw in (b"\x1b", b"\x07", b"\xc2\x9b"):
             self.assertNotIn(raw, client.raw)
+
+    def test_characters_that_reorder_or_hide_text_are_shown_not_obeyed(self):
+        # Bidi controls, line separators, zero-width characters and the BOM can make one
+        # user's line read as if another user wrote it ("Trojan Source").
+        client = self.client("--name", "John")
+        self.joined(client)
+        tricks = "\u202e\u202c\u2066\u2069\u200e\u200f\u061c\u2028\u2029\u200b\u200d\u2060\ufeff"
+        self.other.send(f"Jane: {tricks}|end\n".encode())
+        client.expect("|end\n")
+        for char in tricks:
+            self.assertNotIn(char.encode(), client.raw)
+            self.assertIn(f"\\u{ord(char):04x}", client.output)
+
+    def test_a_closed_stdout_ends_it_quietly(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        client.popen.stdout.close()  # as | head -1 does once it has its line
+        self.other.send(b"Jane: anyone?\n")
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.stderr())
+
+    def test_a_closed_stdin_is_the_end_of_input(self):
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(self.server.port),
+                      "--name", "John", preexec_fn=lambda: os.close(0))
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.stderr())
+        self.assertEqual(self.other.line(), b"* a user joined (2 online)")
+
+    def test_a_terminal_that_cannot_show_a_character_shows_a_replacement(self):
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(self.server.port),
+                      "--name", "John", env={**os.environ, "PYTHONIOENCODING": "latin-1"})
+        self.joined(client)
+        self.other.send("Jane: \U0001f600 and caf\u00e9\n".encode())
+        client.expect("and caf")
+        self.assertIn(b"Jane: ? and caf\xe9\n", client.raw)
+        client.close_stdin()
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.stderr())
 
     def test_no_server_is_a_one_line_error_naming_host_and_port(self):
         port = free_port()
