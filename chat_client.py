@@ -29,7 +29,7 @@ import sys
 
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv() or read()
-LINE_LIMIT = 64 * 1024    # a longer incoming line is printed in pieces: memory stays bounded
+LINE_LIMIT = 64 * 1024    # longer lines, in or out, are cut: our memory stays bounded
 QUIT_WORDS = ("quit", "exit")
 
 # Text from the network may carry terminal control sequences: ESC [2J clears the screen,
@@ -54,8 +54,7 @@ def chat(sock, name, keyboard):
         readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
         keyboard.hide()  # in a terminal, the half-typed line steps aside while we print
         if sock in readable and not show_received(sock, inbuf):
-            print("server closed the connection", file=sys.stderr)
-            return 1
+            return server_closed(keyboard)
         if keyboard in readable:
             typing = read_keyboard(keyboard, name, outbuf)
         keyboard.show()  # and comes back below what we printed
@@ -65,8 +64,7 @@ def chat(sock, name, keyboard):
             except BlockingIOError:
                 sent = 0
             except OSError:  # EPIPE, ECONNRESET
-                print("server closed the connection", file=sys.stderr)
-                return 1
+                return server_closed(keyboard)
             del outbuf[:sent]  # send() may take only part of it
     return 0
 
@@ -112,6 +110,8 @@ def read_keyboard(keyboard, name, outbuf):
             return False
         if text:  # empty lines are not sent
             message = f"{name}: {text}"
+            if too_long_to_send(message):  # the server would refuse it: see the fine print
+                continue
             print(message, flush=True)
             outbuf += message.encode("utf-8") + b"\n"
     return still_open
@@ -135,6 +135,8 @@ class Keyboard:
         lines = split_lines(self.typed)
         if not data:  # end of input (Ctrl-D): an unfinished last line still counts
             lines.append(bytes(self.typed))
+        if len(self.typed) > LINE_LIMIT:  # no "\n" in sight: keep just the start (it is
+            del self.typed[LINE_LIMIT:]   # far too long to send anyway), memory stays bounded
         return [line.decode("utf-8", errors="replace") for line in lines], bool(data)
 
     def hide(self):
@@ -149,6 +151,7 @@ class Keyboard:
 # intact in a terminal, asking your name, connecting with clear errors, the command line.
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
+SEND_LIMIT = 4096         # chat_server.py refuses a longer line (and drops its sender)
 CLEAR_LINE = "\r\x1b[K"   # to column 0, then erase to the end of the line (ANSI)
 # Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
 ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
@@ -211,7 +214,7 @@ class TerminalKeyboard(Keyboard):
                 self.chars.clear()
             elif char == CTRL_D and not self.chars:
                 return lines, False
-            elif char.isprintable():  # other control keys are ignored
+            elif char.isprintable() and len(self.chars) < LINE_LIMIT:  # other keys: ignored
                 self.chars.append(char)
         return lines, bool(data)
 
@@ -230,6 +233,27 @@ def ask_name(fd):
         name = line.decode("utf-8", errors="replace").strip()
         if name:
             return name
+
+
+def too_long_to_send(message):
+    """True, after saying so, if the server would refuse message as too long. We do not
+    send it, and you stay connected."""
+    size = len(message.encode("utf-8"))
+    if size <= SEND_LIMIT:
+        return False
+    print(f"not sent: line too long ({size} bytes with your name; the server takes at most "
+          f"{SEND_LIMIT})", file=sys.stderr, flush=True)
+    return True
+
+
+def server_closed(keyboard):
+    """Say that the server has gone; returns the exit status. In a terminal, what you had
+    typed stays on the screen, above the message."""
+    if isinstance(keyboard, TerminalKeyboard) and keyboard.chars:
+        keyboard.show()
+        print()
+    print("server closed the connection", file=sys.stderr)
+    return 1
 
 
 def keep_stdio_usable():

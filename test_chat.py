@@ -1255,6 +1255,27 @@ class ChatClientTest(unittest.TestCase):
         for raw in (b"\x1b", b"\x07", b"\xc2\x9b"):
             self.assertNotIn(raw, client.raw)
 
+    def test_a_line_the_server_would_refuse_is_not_sent_and_the_client_stays(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        fits, too_long = "y" * (4096 - len("John: ")), "z" * (4097 - len("John: "))
+        client.type(f"{fits}\n{too_long}\nstill here\n")
+        self.assertEqual(self.other.line(), f"John: {fits}".encode())
+        self.assertEqual(self.other.line(), b"John: still here")
+        self.assertIn("not sent: line too long (4097 bytes", client.stderr())
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_memory_stays_bounded_whatever_comes_in_on_stdin(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        chunk = b"w" * (1 << 20)
+        for _ in range(20):  # a 20 MB line, with no newline in sight
+            client.type(chunk)
+        client.type(b"\nafter\n")
+        self.assertEqual(self.other.line(), b"John: after")  # the long one was not sent
+        self.assertLess(peak_rss_mb(client.pid), 40)
+        self.assertIn("line too long", client.stderr())
+
     def test_characters_that_reorder_or_hide_text_are_shown_not_obeyed(self):
         # Bidi controls, line separators, zero-width characters and the BOM can make one
         # user's line read as if another user wrote it ("Trojan Source").
@@ -1346,6 +1367,26 @@ class ChatClientTest(unittest.TestCase):
         client.expect("\r\x1b[KJohn: see you at eight\n")
         self.assertNotIn("see you at ei* a user", client.output)
         press_and_expect_a_clean_exit(self, client, "\x04")
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_a_line_too_long_to_send_is_refused_and_you_stay(self):
+        client = self.client("--name", "John", tty=True)
+        self.joined(client)
+        client.type("x" * 4091 + "\r")
+        client.expect("not sent: line too long (4097 bytes")
+        client.type("short\r")
+        self.assertEqual(self.other.line(), b"John: short")
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_what_you_typed_stays_when_the_server_goes_away(self):
+        client = self.client("--name", "John", tty=True)
+        self.joined(client)
+        client.type("half a li")
+        client.expect("half a li")
+        self.assertEqual(self.server.stop(), 0)
+        client.expect("server closed the connection")
+        self.assertIn("half a li\nserver closed the connection", client.output)
+        self.assertEqual(client.wait(), 1)
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_backspace_ctrl_u_and_arrow_keys_edit_the_line(self):
