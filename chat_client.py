@@ -43,9 +43,9 @@ MAKE_VISIBLE = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
                 for code in CONTROLS + HIDDEN}
 
 
-def chat(sock, name, keyboard):
-    """The select loop. Returns the exit status."""
-    inbuf = bytearray()      # server bytes whose "\n" has not arrived yet
+def chat(sock, name, keyboard, inbuf):
+    """The select loop. Returns the exit status. inbuf holds server bytes whose "\n" has
+    not arrived yet."""
     outbuf = bytearray()     # our lines that the kernel has not taken yet
     typing = True            # False after quit or end of input: send what is queued, then go
     while typing or outbuf:
@@ -219,13 +219,30 @@ class TerminalKeyboard(Keyboard):
         return lines, bool(data)
 
 
-def ask_name(fd):
-    """Ask for a name until we get one. Returns None at end of input. We read one byte at
-    a time, so nothing typed after the name is read ahead and hidden from select()."""
+def ask_name(fd, sock, inbuf):
+    """Ask for a name until we get one. Returns None at end of input, and "" if the server
+    closes the connection first (full, say): what it said is shown at once. We read one
+    byte at a time, so nothing typed after the name is read ahead and hidden from select().
+    What the server sends meanwhile (the welcome) waits in inbuf, to be shown after."""
     while True:
         print("name: ", end="", flush=True)
         line = bytearray()
         while not line.endswith(b"\n"):
+            watched = [fd, sock] if len(inbuf) < LINE_LIMIT else [fd]
+            if sock in select.select(watched, [], [])[0]:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:  # ECONNRESET
+                    data = b""
+                if not data:
+                    print()
+                    for said in inbuf.splitlines():
+                        print(harmless(said), flush=True)
+                    return ""
+                inbuf += data
+                continue
             byte = os.read(fd, 1)
             if not byte:
                 return None
@@ -317,16 +334,21 @@ def main(argv=None):
     stdin = sys.stdin.fileno()
     keyboard = None
     try:
-        name = args.name.strip() if args.name and args.name.strip() else ask_name(stdin)
+        inbuf = bytearray()  # what the server sends while we ask the name
+        name = (args.name or "").strip() or ask_name(stdin, sock, inbuf)
+        if name == "":
+            return server_closed(None)
         if not name:
             return 0
+        for line in split_lines(inbuf):
+            print(harmless(line), flush=True)
         if os.isatty(stdin) and sys.stdout.isatty():
             # SIGTERM becomes KeyboardInterrupt too, so the finally below restores the terminal.
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             keyboard = TerminalKeyboard(stdin)
         else:
             keyboard = Keyboard(stdin)
-        return chat(sock, name, keyboard)
+        return chat(sock, name, keyboard, inbuf)
     except KeyboardInterrupt:  # Ctrl-C
         print()
         return 0

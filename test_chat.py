@@ -1202,6 +1202,22 @@ class ChatClientTest(unittest.TestCase):
         client.expect("John: Hi\n")
         self.assertTrue(client.output.startswith("name: name: name: "), client.output)
 
+    def test_a_full_server_is_reported_at_once_while_the_name_is_asked(self):
+        server = Server(self, "chat_server.py", "--max-clients", "1")
+        Peer(self, server.port)  # the one seat is taken
+        client = self.client(server=server)  # nothing typed: it is still asking the name
+        self.assertEqual(client.wait(), 1)
+        self.assertEqual(client.read_to_end(), "name: \nerror: server full, try again later\n")
+        self.assertEqual(client.stderr(), "server closed the connection\n")
+
+    def test_what_the_server_says_while_the_name_is_asked_is_shown_after_it(self):
+        client = self.client()
+        self.assertEqual(self.other.line(), b"* a user joined (2 online)")
+        self.other.send(b"Jane: hello, whoever you are\n")
+        client.type("John\n")
+        client.expect("Jane: hello, whoever you are\n")
+        self.assertTrue(client.output.startswith("name: Welcome to the chatroom!\n"), client.output)
+
     def test_empty_lines_are_not_sent(self):
         client = self.client("--name", "John")
         self.joined(client)
