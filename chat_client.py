@@ -178,12 +178,23 @@ class TerminalKeyboard(Keyboard):
         super().__init__(fd)
         self.saved = termios.tcgetattr(fd)  # put back by restore(), on every way out
         tty.setcbreak(fd, termios.TCSANOW)  # each key at once, no echo; keep what was typed
+        signal.signal(signal.SIGTSTP, self.suspend)  # Ctrl-Z
         self.chars = []  # one entry per character, so Backspace removes a character
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
         self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
 
     def restore(self):
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def suspend(self, signum, frame):
+        """Ctrl-Z: the shell gets its terminal back, as it was, while we are stopped; on
+        fg we take it again and draw the typed line anew. (We stop with SIGSTOP, which
+        works even where a second SIGTSTP would be ignored.)"""
+        self.restore()
+        os.kill(os.getpid(), signal.SIGSTOP)  # here we wait, stopped, until fg (SIGCONT)
+        tty.setcbreak(self.fd, termios.TCSANOW)
+        self.hide()
+        self.show()
 
     def hide(self):
         sys.stdout.write(CLEAR_LINE)
@@ -343,8 +354,10 @@ def main(argv=None):
         for line in split_lines(inbuf):
             print(harmless(line), flush=True)
         if os.isatty(stdin) and sys.stdout.isatty():
-            # SIGTERM becomes KeyboardInterrupt too, so the finally below restores the terminal.
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            # SIGTERM, SIGHUP (the terminal went away) and SIGQUIT (Ctrl-\) become
+            # KeyboardInterrupt too, so the finally below restores the terminal.
+            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(signum, signal.default_int_handler)
             keyboard = TerminalKeyboard(stdin)
         else:
             keyboard = Keyboard(stdin)

@@ -1426,6 +1426,8 @@ class ChatClientTest(unittest.TestCase):
                 "Ctrl-C": lambda client: client.type("\x03"),
                 "quit": lambda client: client.type("\x15quit\r"),
                 "SIGTERM": lambda client: client.popen.send_signal(signal.SIGTERM),
+                "SIGHUP": lambda client: client.popen.send_signal(signal.SIGHUP),
+                "SIGQUIT": lambda client: client.popen.send_signal(signal.SIGQUIT),
                 "server gone": lambda client: client.server.stop()}
         for way, leave in ways.items():
             with self.subTest(way=way):
@@ -1442,6 +1444,27 @@ class ChatClientTest(unittest.TestCase):
                 self.assertEqual(client.wait(), 1 if way == "server gone" else 0)
                 no_traceback(self, client.read_to_end())
                 self.assertEqual(client.tty_now(), client.tty_at_start)
+
+    @unittest.skipUnless(pty and sys.platform.startswith("linux"), "needs a pseudo-terminal and /proc")
+    def test_in_a_terminal_ctrl_z_gives_the_shell_its_terminal_and_fg_takes_it_back(self):
+        client = self.client("--name", "John", tty=True)
+        self.joined(client)
+        client.type("half")
+        client.expect("half")
+
+        def state():
+            with open(f"/proc/{client.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        client.type("\x1a")  # Ctrl-Z
+        wait_until(lambda: state() == "T", "the client to stop")
+        self.assertEqual(client.tty_now(), client.tty_at_start)  # line mode and echo are back
+        before = len(client.raw)
+        os.kill(client.pid, signal.SIGCONT)  # fg
+        wait_until(lambda: not client.tty_now()[3] & termios.ECHO, "the client to take the terminal")
+        wait_until(lambda: client._read_some(0.05) and b"half" in client.raw[before:],
+                   "the typed line to be drawn again")
+        client.type("way\r")
+        self.assertEqual(self.other.line(), b"John: halfway")
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_quit_ends_it(self):
