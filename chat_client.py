@@ -26,6 +26,7 @@ import select
 import signal
 import socket
 import sys
+import unicodedata
 
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv() or read()
@@ -152,7 +153,6 @@ class Keyboard:
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
 SEND_LIMIT = 4096         # chat_server.py refuses a longer line (and drops its sender)
-CLEAR_LINE = "\r\x1b[K"   # to column 0, then erase to the end of the line (ANSI)
 # Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
 ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
 
@@ -179,6 +179,8 @@ class TerminalKeyboard(Keyboard):
         self.saved = termios.tcgetattr(fd)  # put back by restore(), on every way out
         tty.setcbreak(fd, termios.TCSANOW)  # each key at once, no echo; keep what was typed
         signal.signal(signal.SIGTSTP, self.suspend)  # Ctrl-Z
+        signal.signal(signal.SIGWINCH, self.resized)  # the window changed size
+        self.shown = False  # whether the typed line is on the screen now
         self.chars = []  # one entry per character, so Backspace removes a character
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
         self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
@@ -197,11 +199,37 @@ class TerminalKeyboard(Keyboard):
         self.show()
 
     def hide(self):
-        sys.stdout.write(CLEAR_LINE)
+        """Wipe the typed line, every row of it: back to its first row (ANSI: carriage
+        return, cursor up), then erase to the end of the screen."""
+        up = self.rows() - 1
+        sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
+        self.shown = False
 
     def show(self):
         sys.stdout.write("".join(self.chars))
         sys.stdout.flush()
+        self.shown = True
+
+    def rows(self):
+        """How many rows the typed line fills, at the terminal's width now (terminals
+        rewrap on a resize). Wide characters take two columns, combining ones none."""
+        try:
+            columns = os.get_terminal_size(self.fd).columns
+        except OSError:
+            columns = 0
+        rows, column = 1, 0
+        for char in self.chars:
+            width = (0 if unicodedata.combining(char) else
+                     2 if unicodedata.east_asian_width(char) in ("W", "F") else 1)
+            if columns > 0 and column + width > columns:  # it goes on the next row
+                rows, column = rows + 1, 0
+            column += width
+        return rows
+
+    def resized(self, signum, frame):
+        if self.shown:
+            self.hide()
+            self.show()
 
     def read_lines(self):
         """Apply the keys that are there. Returns the lines finished with Enter, and False

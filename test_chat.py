@@ -1377,10 +1377,10 @@ class ChatClientTest(unittest.TestCase):
         client.expect("see you at ei")
         self.other.send(b"Jane: lunch at noon?\n")
         # Wipe the line (CR, erase to end of line), print the message, draw the line again.
-        client.expect("\r\x1b[KJane: lunch at noon?\nsee you at ei")
+        client.expect("\r\x1b[JJane: lunch at noon?\nsee you at ei")
         client.type("ght\r")
         self.assertEqual(self.other.line(), b"John: see you at eight")
-        client.expect("\r\x1b[KJohn: see you at eight\n")
+        client.expect("\r\x1b[JJohn: see you at eight\n")
         self.assertNotIn("see you at ei* a user", client.output)
         press_and_expect_a_clean_exit(self, client, "\x04")
 
@@ -1444,6 +1444,29 @@ class ChatClientTest(unittest.TestCase):
                 self.assertEqual(client.wait(), 1 if way == "server gone" else 0)
                 no_traceback(self, client.read_to_end())
                 self.assertEqual(client.tty_now(), client.tty_at_start)
+
+    @unittest.skipUnless(pty, "needs a pseudo-terminal")
+    def test_in_a_terminal_a_wrapped_line_is_wiped_row_by_row_and_redrawn_after_a_resize(self):
+        client = self.client("--name", "John", tty=True)
+        self.joined(client)
+
+        def resize(columns):  # the terminal tells the client with SIGWINCH
+            fcntl.ioctl(client.in_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        resize(20)
+        client.type("a" * 45)  # three rows of 20 columns: 20, 20 and 5
+        client.expect("a" * 45)
+        self.other.send(b"Jane: one\n")
+        client.expect("\r\x1b[2A\x1b[JJane: one\n" + "a" * 45)  # up two rows, erase below
+        client.type("\x15" + "\u65e5\u672c" * 6)  # Ctrl-U, then 12 wide characters: 24 columns
+        client.expect("\u65e5\u672c" * 6)
+        self.other.send(b"Jane: two\n")
+        client.expect("\r\x1b[1A\x1b[JJane: two\n")  # two rows, not one: they are two columns each
+        before = len(client.output)
+        resize(10)  # the same 24 columns now fill three rows
+        wait_until(lambda: client._read_some(0.05) and "\x1b[2A\x1b[J" in client.output[before:],
+                   "the line to be wiped and drawn again at the new width")
+        client.type("\r")
+        self.assertEqual(self.other.line(), ("John: " + "\u65e5\u672c" * 6).encode())
 
     @unittest.skipUnless(pty and sys.platform.startswith("linux"), "needs a pseudo-terminal and /proc")
     def test_in_a_terminal_ctrl_z_gives_the_shell_its_terminal_and_fg_takes_it_back(self):
