@@ -26,6 +26,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import unicodedata
 
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
@@ -45,13 +46,13 @@ MAKE_VISIBLE = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def chat(sock, name, keyboard, inbuf):
-    """The select loop. Returns the exit status. inbuf holds server bytes whose "\n" has
-    not arrived yet."""
+    """The select loop; returns the exit status. inbuf: server bytes awaiting their "\n"."""
     outbuf = bytearray()     # our lines that the kernel has not taken yet
     typing = True            # False after quit or end of input: send what is queued, then go
     while typing or outbuf:
-        # One wait for both: a line from the server can arrive while we type.
-        want_read = [sock, keyboard] if typing else [sock]
+        # One wait for both: a line from the server can arrive while we type. (The keyboard
+        # waits while our output piles up: a server that stops reading cannot grow us.)
+        want_read = [sock, keyboard] if typing and len(outbuf) < LINE_LIMIT else [sock]
         readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
         keyboard.hide()  # in a terminal, the half-typed line steps aside while we print
         if sock in readable and not show_received(sock, inbuf):
@@ -67,7 +68,7 @@ def chat(sock, name, keyboard, inbuf):
             except OSError:  # EPIPE, ECONNRESET
                 return server_closed(keyboard)
             del outbuf[:sent]  # send() may take only part of it
-    return 0
+    return finish(sock, inbuf, keyboard)
 
 
 def show_received(sock, inbuf):
@@ -153,6 +154,7 @@ class Keyboard:
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
 SEND_LIMIT = 4096         # chat_server.py refuses a longer line (and drops its sender)
+LINGER = 5                # seconds we wait, from a pipe, for the server's last words
 # Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
 ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
 
@@ -289,6 +291,38 @@ def ask_name(fd, sock, inbuf):
         name = line.decode("utf-8", errors="replace").strip()
         if name:
             return name
+
+
+def finish(sock, inbuf, keyboard):
+    """We have nothing more to say; returns the exit status. In a terminal we leave at
+    once. From a pipe, we shut down our side and show what the server still sends until
+    it closes, LINGER seconds at most: nothing it says is lost, and if its last line
+    refused us (error: server full, say), we exit with status 1."""
+    if isinstance(keyboard, TerminalKeyboard):
+        return 0
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return 0
+    last, end = b"", time.monotonic() + LINGER
+    while select.select([sock], [], [], max(0, end - time.monotonic()))[0]:
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            continue
+        except OSError:  # ECONNRESET
+            data = b""
+        if not data and inbuf:  # closed: an unfinished last line still counts
+            inbuf += b"\n"
+        inbuf += data
+        for line in split_lines(inbuf):
+            print(harmless(line), flush=True)
+            last = line
+        if not data:
+            break
+        if len(inbuf) > LINE_LIMIT:  # no newline in sight: keep memory bounded
+            inbuf.clear()
+    return 1 if last.startswith(b"error:") else 0
 
 
 def too_long_to_send(message):

@@ -1210,6 +1210,42 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.read_to_end(), "name: \nerror: server full, try again later\n")
         self.assertEqual(client.stderr(), "server closed the connection\n")
 
+    def test_from_a_pipe_a_refusal_is_shown_and_the_exit_status_is_1(self):
+        server = Server(self, "chat_server.py", "--max-clients", "1")
+        Peer(self, server.port)  # the one seat is taken
+        client = self.client("--name", "ci", server=server)
+        client.type("a line that will not get in\n")
+        client.close_stdin()
+        self.assertEqual(client.wait(), 1)
+        self.assertIn("error: server full, try again later\n", client.read_to_end())
+
+    def test_from_a_pipe_what_the_server_sends_after_the_last_line_is_still_shown(self):
+        echo = Server(self, "echo_server.py")
+        client = self.client("--name", "John", server=echo)
+        client.type("Hi\n")
+        client.close_stdin()  # the last line: the client shuts down its side and waits
+        self.assertEqual(client.wait(), 0)
+        self.assertEqual(client.read_to_end(), "John: Hi\nJohn: Hi\n")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_memory_stays_bounded_against_a_server_that_does_not_read(self):
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(WAIT)
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
+                      "--port", str(listener.getsockname()[1]), "--name", "J")
+        conn, _ = listener.accept()  # and never reads
+        self.addCleanup(conn.close)
+        os.set_blocking(client.in_fd, False)
+        lines, fed, end = (b"y" * 4000 + b"\n") * 16, 0, time.monotonic() + 1.5
+        while time.monotonic() < end and fed < 500 * 1024 * 1024:
+            readable, writable, _ = select.select([client.out_fd], [client.in_fd], [], 0.05)
+            if readable:  # what it prints of our lines must be read, or it would wait
+                os.read(client.out_fd, 1 << 20)
+            if writable:
+                fed += os.write(client.in_fd, lines)
+        self.assertLess(peak_rss_mb(client.pid), 40, f"fed {fed} bytes")
+
     def test_what_the_server_says_while_the_name_is_asked_is_shown_after_it(self):
         client = self.client()
         self.assertEqual(self.other.line(), b"* a user joined (2 online)")
