@@ -13,9 +13,8 @@ arrive in several pieces. We collect pieces until the newline is back, and only 
 While we wait, we keep sending what the kernel has not taken yet: a long line sent all at
 once, before reading, could fill both directions of the connection and hang us both.
 
-What it leaves out on purpose: it notices that the server went away only when it next
-sends a line, because it waits on the keyboard alone between lines. Step 3's chat client
-waits on the keyboard and the socket at once.
+Left out on purpose: between lines it waits on the keyboard alone, so it notices that the
+server went away only when it next sends a line. Step 3 waits on both at once.
 What a real client needs besides the lesson comes after the line "The fine print".
 """
 import argparse
@@ -77,14 +76,14 @@ def talk(sock):
     inbuf = bytearray()
     while True:
         print("send: ", end="", flush=True)
-        line = sys.stdin.buffer.readline()  # bytes, as typed: nothing to decode, nothing to fail
+        line = sys.stdin.buffer.readline(INPUT_LIMIT)  # bytes as typed: nothing to fail
         if not line:  # Ctrl-D, or the end of piped input
             print()
             return 0
         if line.strip().lower() in QUIT_WORDS:
             return 0
         try:
-            echoed = echo_line(sock, line if line.endswith(b"\n") else line + b"\n", inbuf)
+            echoed = echo_line(sock, end_line(line), inbuf)
         except ServerClosed:
             print("server closed the connection", file=sys.stderr)
             return 1
@@ -96,6 +95,7 @@ def talk(sock):
 # command line.
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
+INPUT_LIMIT = 32 * 1024 * 1024  # a longer typed line goes out in pieces: memory stays bounded
 # What the server sends back is shown harmlessly, as in step 3 (chat_client.py says why):
 # control characters, and the characters that reorder or hide text, are made visible.
 CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
@@ -107,6 +107,12 @@ MAKE_VISIBLE = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 def harmless(raw):
     """Decode bytes from the network and make them safe to print."""
     return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
+
+
+def end_line(line):
+    """The last line of a file may lack its "\n": we add it. A piece of a line longer than
+    INPUT_LIMIT goes as it is; the rest of the line follows."""
+    return line if line.endswith(b"\n") or len(line) == INPUT_LIMIT else line + b"\n"
 
 
 def keep_stdio_usable():

@@ -840,6 +840,19 @@ class EchoClientTest(unittest.TestCase):
         self.assertLess(peak_rss_mb(client.pid), 60, f"{sent} bytes sent")
         client.expect("recv: xxxx")
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_memory_stays_bounded_whatever_comes_in_on_stdin(self):
+        listener, port = self.fake_server()  # it never reads and never answers
+        client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        os.set_blocking(client.in_fd, False)
+        zeros, fed, end = bytes(1 << 20), 0, time.monotonic() + 1.5
+        while time.monotonic() < end and fed < 300 * 1024 * 1024:  # a line with no end
+            if select.select([], [client.in_fd], [], 0.05)[1]:
+                fed += os.write(client.in_fd, zeros)
+        self.assertLess(peak_rss_mb(client.pid), 120, f"fed {fed} bytes")
+
     def test_a_closed_stdout_ends_it_quietly(self):
         client = self.client()
         client.popen.stdout.close()  # as | head -1 does once it has its line
