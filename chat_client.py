@@ -203,14 +203,14 @@ class TerminalKeyboard(Keyboard):
     def hide(self):
         """Wipe the typed line, every row of it: back to its first row (ANSI: carriage
         return, cursor up), then erase to the end of the screen."""
+        self.shown = False  # first: a resize from now on finds nothing to redraw
         up = self.rows() - 1
         sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
-        self.shown = False
 
     def show(self):
         sys.stdout.write("".join(self.chars))
+        self.shown = True  # before the flush: whatever a resize writes comes after the line
         sys.stdout.flush()
-        self.shown = True
 
     def rows(self):
         """How many rows the typed line fills, at the terminal's width now (terminals

@@ -1495,7 +1495,7 @@ class ChatClientTest(unittest.TestCase):
                 self.assertEqual(client.tty_now(), client.tty_at_start)
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
-    def test_in_a_terminal_a_wrapped_line_is_wiped_row_by_row_and_redrawn_after_a_resize(self):
+    def test_in_a_terminal_a_wrapped_line_is_wiped_row_by_row_also_after_a_resize(self):
         client = self.client("--name", "John", tty=True)
         self.joined(client)
 
@@ -1511,10 +1511,9 @@ class ChatClientTest(unittest.TestCase):
         self.other.send(b"Jane: two\n")
         # Two rows, not one: they are two columns each. Then the line is drawn again.
         client.expect("\r\x1b[1A\x1b[JJane: two\n" + "\u65e5\u672c" * 6)
-        before = len(client.output)
         resize(10)  # the same 24 columns now fill three rows
-        wait_until(lambda: client._read_some(0.05) and "\x1b[2A\x1b[J" in client.output[before:],
-                   "the line to be wiped and drawn again at the new width")
+        self.other.send(b"Jane: three\n")
+        client.expect("\r\x1b[2A\x1b[JJane: three\n" + "\u65e5\u672c" * 6)
         client.type("\r")
         self.assertEqual(self.other.line(), ("John: " + "\u65e5\u672c" * 6).encode())
 
