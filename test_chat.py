@@ -1240,6 +1240,22 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.wait(), 0)
         self.assertEqual(client.read_to_end(), "John: Hi\nJohn: Hi\n")
 
+    def test_from_a_pipe_the_wait_for_a_server_that_never_closes_is_bounded(self):
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(WAIT)
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
+                      "--port", str(listener.getsockname()[1]), "--name", "ci")
+        conn, _ = listener.accept()  # it takes the line, and never closes
+        self.addCleanup(conn.close)
+        client.type("x\n")
+        client.close_stdin()
+        conn.settimeout(WAIT)
+        self.assertEqual(conn.recv(100), b"ci: x\n")
+        start = time.monotonic()
+        self.assertEqual(client.wait(), 0)
+        self.assertLess(time.monotonic() - start, 8)
+
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_memory_stays_bounded_against_a_server_that_does_not_read(self):
         listener = socket.create_server(("127.0.0.1", 0))
