@@ -260,6 +260,17 @@ class TerminalKeyboard(Keyboard):
         return lines, bool(data)
 
 
+def receive(sock):
+    """What one recv() brings: b"" once the server has closed (or reset) the connection,
+    None if select() said readable but the data was gone."""
+    try:
+        return sock.recv(RECV_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError:  # ECONNRESET
+        return b""
+
+
 def ask_name(fd, sock, inbuf):
     """Ask for a name until we get one. Returns None at end of input, and "" if the server
     closes the connection first (full, say): what it said is shown at once. We read one
@@ -271,12 +282,9 @@ def ask_name(fd, sock, inbuf):
         while not line.endswith(b"\n"):
             watched = [fd, sock] if len(inbuf) < LINE_LIMIT else [fd]
             if sock in select.select(watched, [], [])[0]:
-                try:
-                    data = sock.recv(RECV_SIZE)
-                except BlockingIOError:
+                data = receive(sock)
+                if data is None:
                     continue
-                except OSError:  # ECONNRESET
-                    data = b""
                 if not data:
                     print()
                     for said in inbuf.splitlines():
@@ -306,12 +314,9 @@ def finish(sock, inbuf, keyboard):
         return 0
     last, end = b"", time.monotonic() + LINGER
     while select.select([sock], [], [], max(0, end - time.monotonic()))[0]:
-        try:
-            data = sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        data = receive(sock)
+        if data is None:
             continue
-        except OSError:  # ECONNRESET
-            data = b""
         if not data and inbuf:  # closed: an unfinished last line still counts
             inbuf += b"\n"
         inbuf += data
