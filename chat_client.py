@@ -53,7 +53,11 @@ def chat(sock, name, keyboard, inbuf):
         # One wait for both: a line from the server can arrive while we type. (The keyboard
         # waits while our output piles up: a server that stops reading cannot grow us.)
         want_read = [sock, keyboard] if typing and len(outbuf) < LINE_LIMIT else [sock]
-        readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
+        want_write = [sock] if outbuf else []
+        if os.name == "nt":  # Windows: select() watches sockets only. See the fine print.
+            readable, writable = select_windows(want_read, want_write)
+        else:
+            readable, writable, _ = select.select(want_read, want_write, [])
         keyboard.hide()  # in a terminal, the half-typed line steps aside while we print
         if sock in readable and not show_received(sock, inbuf):
             return server_closed(keyboard)
@@ -156,13 +160,18 @@ CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connect
 SEND_LIMIT = 4096         # chat_server.py refuses a longer line (and drops its sender)
 LINGER = 5                # seconds we wait, from a pipe, for the server's last words
 # Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
-ENTER, BACKSPACE, CTRL_D, CTRL_U, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1b"
+ENTER, BACKSPACE, CTRL_D, CTRL_U, CTRL_Z, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1a", "\x1b"
+POLL_EVERY = 0.05         # Windows: seconds a key may wait to be seen (see select_windows)
 
 try:
     import termios  # POSIX terminals only
     import tty
 except ImportError:
     termios = tty = None
+if os.name == "nt":
+    import ctypes
+    import msvcrt
+    from ctypes import wintypes
 
 
 class TerminalKeyboard(Keyboard):
@@ -208,24 +217,23 @@ class TerminalKeyboard(Keyboard):
         sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
 
     def show(self):
-        sys.stdout.write("".join(self.chars))
+        sys.stdout.write(self.text())
         self.shown = True  # before the flush: whatever a resize writes comes after the line
         sys.stdout.flush()
 
+    def text(self):
+        """The typed line as the screen shows it."""
+        return "".join(self.chars)
+
     def rows(self):
         """How many rows the typed line fills, at the terminal's width now (terminals
-        rewrap on a resize). Wide characters take two columns, combining ones none."""
-        try:
-            columns = os.get_terminal_size(self.fd).columns
-        except OSError:
-            columns = 0
+        rewrap on a resize)."""
+        columns = terminal_columns()
         rows, column = 1, 0
-        for char in self.chars:
-            width = (0 if unicodedata.combining(char) else
-                     2 if unicodedata.east_asian_width(char) in ("W", "F") else 1)
-            if columns > 0 and column + width > columns:  # it goes on the next row
+        for char in self.text():
+            if columns > 0 and column + width(char) > columns:  # it goes on the next row
                 rows, column = rows + 1, 0
-            column += width
+            column += width(char)
         return rows
 
     def resized(self, signum, frame):
@@ -237,8 +245,14 @@ class TerminalKeyboard(Keyboard):
         """Apply the keys that are there. Returns the lines finished with Enter, and False
         once Ctrl-D is pressed on an empty line."""
         data = os.read(self.fd, RECV_SIZE)
+        lines, still_open = self.edit(self.decoder.decode(data))
+        return lines, still_open and bool(data)
+
+    def edit(self, keys):
+        """Apply keys to the typed line: the lines finished with Enter, and False at the
+        end of input (Ctrl-D on an empty line; on Windows, Ctrl-Z then Enter)."""
         lines = []
-        for char in self.decoder.decode(data):
+        for char in keys:
             if self.escape:  # skip ESC [ or ESC O, then everything up to a final "@".."~"
                 if self.escape == ESC and char in "[O":
                     self.escape += char
@@ -247,6 +261,8 @@ class TerminalKeyboard(Keyboard):
             elif char == ESC:
                 self.escape = ESC
             elif char in ENTER:
+                if self.chars == [CTRL_Z]:
+                    return lines, False
                 lines.append("".join(self.chars))
                 self.chars.clear()
             elif char in BACKSPACE:
@@ -255,9 +271,129 @@ class TerminalKeyboard(Keyboard):
                 self.chars.clear()
             elif char == CTRL_D and not self.chars:
                 return lines, False
+            elif char == CTRL_Z and not self.chars:  # (a terminal stops us on Ctrl-Z instead)
+                self.chars.append(char)  # shown as ^Z
             elif char.isprintable() and len(self.chars) < LINE_LIMIT:  # other keys: ignored
                 self.chars.append(char)
-        return lines, bool(data)
+        return lines, True
+
+
+def width(char):
+    """Columns a character takes on the screen: wide ones two, combining ones none."""
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def terminal_columns():
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except OSError:
+        return 0
+
+
+class WindowsKeyboard(TerminalKeyboard):
+    """The keyboard of a Windows console, without threads. select() on Windows watches
+    sockets only, so select_windows() asks it about the socket for POLL_EVERY seconds at
+    most, and we take the keys that msvcrt has meanwhile: a key may wait that long.
+    msvcrt.getwch() gives one character a call: Enter is "\r", Ctrl-C "\x03", and an
+    arrow or function key is two, "\x00" or "\xe0" then a code, which we skip.
+    We turn on the console's VT processing (Windows 10 and later) for the ANSI escapes
+    that wipe the typed line. Where it cannot be turned on, we keep the typed line to one
+    row, showing its end if it is too long, and wipe that row with spaces."""
+
+    def __init__(self, fd):
+        Keyboard.__init__(self, fd)
+        self.shown, self.chars, self.escape, self.prompt = False, [], "", ""
+        self.screen = wintypes.HANDLE(msvcrt.get_osfhandle(sys.stdout.fileno()))
+        self.saved = wintypes.DWORD()
+        ctypes.windll.kernel32.GetConsoleMode(self.screen, ctypes.byref(self.saved))
+        self.vt = bool(ctypes.windll.kernel32.SetConsoleMode(
+            self.screen, self.saved.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
+
+    def restore(self):
+        ctypes.windll.kernel32.SetConsoleMode(self.screen, self.saved.value)
+
+    def read_lines(self):
+        """Apply the keys waiting in the console, up to the first Enter: what was typed
+        after it stays there for the next turn."""
+        keys = []
+        while msvcrt.kbhit() and "\r" not in keys[-1:]:
+            key = msvcrt.getwch()
+            if key in ("\x00", "\xe0") and msvcrt.kbhit():
+                code = msvcrt.getwch()
+                if key == "\xe0" and code not in EXTENDED_KEYS:  # that was "à", then a key
+                    keys += [key, code]
+            elif key == "\x03":  # Ctrl-C, in a console that gives it to us as a key
+                raise KeyboardInterrupt
+            elif key != ESC:  # Windows sends no escape sequences: Esc alone is ignored
+                keys.append(key)
+        return self.edit("".join(keys))
+
+    def text(self):
+        text = self.prompt + "".join(self.chars).replace(CTRL_Z, "^Z")
+        if self.vt:
+            return text
+        columns, shown = terminal_columns() - 1, ""  # one row, the end of the line
+        while text and width(text[-1]) + sum(map(width, shown)) <= columns:
+            text, shown = text[:-1], text[-1] + shown
+        return shown
+
+    def hide(self):
+        if self.vt:
+            return super().hide()
+        self.shown = False
+        sys.stdout.write("\r" + " " * (terminal_columns() - 1) + "\r")
+
+
+ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
+# After "\xe0", the codes of the keys that send it: arrows, Home, End, Page Up and
+# Down, Insert, Delete, and with Ctrl. Any other character after it was typed: "\xe0"
+# is also "à". (Typed within POLL_EVERY seconds, "à" then one of these is lost.)
+EXTENDED_KEYS = "GHIKMOPQRSstuvw\x84\x85\x86\x8d\x91\x92\x93\x94"
+
+
+def select_windows(want_read, want_write):
+    """select.select() for Windows, where it watches sockets only (anything else fails
+    with WinError 10038). We ask it about the sockets, and look at the keyboard (or the
+    pipe) ourselves, before and after a wait of POLL_EVERY seconds at most. No threads,
+    and select() is still where we wait; the cost is a key that waits up to POLL_EVERY
+    seconds to be seen, and a loop that wakes 20 times a second while you are idle."""
+    sockets = [s for s in want_read if isinstance(s, socket.socket)]
+    inputs = [i for i in want_read if not isinstance(i, socket.socket)]
+    ready = [i for i in inputs if input_waiting(i)]
+    timeout = 0 if ready else POLL_EVERY if inputs else None
+    if sockets or want_write:
+        readable, writable, _ = select.select(sockets, want_write, [], timeout)
+    else:  # select() on Windows refuses to wait on nothing
+        readable, writable = [], []
+        time.sleep(timeout or 0)
+    return readable + (ready or [i for i in inputs if input_waiting(i)]), writable
+
+
+def input_waiting(stdin):
+    """Windows: True if reading stdin (a keyboard object or a file descriptor) now would
+    not wait. A console has keys waiting; a pipe has bytes, or its writer has closed it;
+    a file or NUL never makes us wait."""
+    fd = stdin if isinstance(stdin, int) else stdin.fileno()
+    if windows_console(fd):
+        return msvcrt.kbhit()
+    handle, waiting = wintypes.HANDLE(msvcrt.get_osfhandle(fd)), wintypes.DWORD()
+    if ctypes.windll.kernel32.GetFileType(handle) != FILE_TYPE_PIPE:
+        return True
+    if not ctypes.windll.kernel32.PeekNamedPipe(handle, None, 0, None,
+                                                ctypes.byref(waiting), None):
+        return True  # the pipe is closed: read() returns b"", the end of input
+    return waiting.value > 0
+
+
+FILE_TYPE_PIPE = 3
+
+
+def windows_console(fd):
+    """True if fd is a Windows console (os.isatty() is True for the NUL device too)."""
+    handle = wintypes.HANDLE(msvcrt.get_osfhandle(fd))
+    return bool(ctypes.windll.kernel32.GetConsoleMode(handle, ctypes.byref(wintypes.DWORD())))
 
 
 def receive(sock):
@@ -273,32 +409,67 @@ def receive(sock):
 
 def ask_name(fd, sock, inbuf):
     """Ask for a name until we get one. Returns None at end of input, and "" if the server
-    closes the connection first (full, say): what it said is shown at once. We read one
-    byte at a time, so nothing typed after the name is read ahead and hidden from select().
-    What the server sends meanwhile (the welcome) waits in inbuf, to be shown after."""
+    closes the connection first (full, say): what it said is shown at once. From a pipe we
+    read one byte at a time, so nothing typed after the name is read ahead and hidden from
+    select(); a terminal gives us one line a read anyway. What the server sends meanwhile
+    (the welcome) waits in inbuf, to be shown after."""
     while True:
         print("name: ", end="", flush=True)
         line = bytearray()
         while not line.endswith(b"\n"):
             watched = [fd, sock] if len(inbuf) < LINE_LIMIT else [fd]
-            if sock in select.select(watched, [], [])[0]:
-                data = receive(sock)
-                if data is None:
-                    continue
-                if not data:
-                    print()
-                    for said in inbuf.splitlines():
-                        print(harmless(said), flush=True)
-                    return ""
-                inbuf += data
+            if os.name == "nt":
+                readable, _ = select_windows(watched, [])
+            else:
+                readable, _, _ = select.select(watched, [], [])
+            if sock in readable and not server_says(sock, inbuf):
+                return ""
+            if fd not in readable:
                 continue
-            byte = os.read(fd, 1)
-            if not byte:
+            data = os.read(fd, LINE_LIMIT if os.isatty(fd) else 1)
+            if not data or data.startswith(b"\x1a"):  # end of input (Windows: Ctrl-Z)
                 return None
-            line += byte
+            line += data
         name = line.decode("utf-8", errors="replace").strip()
         if name:
             return name
+
+
+def ask_name_in_console(keyboard, sock, inbuf):
+    """ask_name() for a Windows console, where select() cannot wait for a line: the name
+    is typed in our editor, with "name: " before it, as chat lines are."""
+    keyboard.prompt = "name: "
+    keyboard.show()
+    while True:
+        watched = [sock, keyboard] if len(inbuf) < LINE_LIMIT else [keyboard]
+        readable, _ = select_windows(watched, [])
+        if sock in readable and not server_says(sock, inbuf):
+            return ""
+        if keyboard in readable:
+            keyboard.hide()
+            lines, still_open = keyboard.read_lines()
+            for line in lines:  # one at most
+                print(f"name: {line}", flush=True)  # the name stays on the screen
+                if line.strip():
+                    keyboard.prompt = ""
+                    return line.strip()
+            if not still_open:
+                return None
+            keyboard.show()
+
+
+def server_says(sock, inbuf):
+    """While we ask the name: keep what the server sends in inbuf. If it closes the
+    connection instead, end the prompt's line, show what it said and return False."""
+    data = receive(sock)
+    if data:
+        inbuf += data
+    elif data == b"":
+        print()
+        for said in inbuf.splitlines():
+            print(harmless(said), flush=True)
+        return False
+    return True
 
 
 def finish(sock, inbuf, keyboard):
@@ -399,11 +570,6 @@ def main(argv=None):
     if not 0 < args.port <= 65535:
         parser.error("--port must be from 1 to 65535")
 
-    if os.name == "nt":
-        print("error: on Windows, select() cannot watch the keyboard; "
-              "run this client under WSL (Windows Subsystem for Linux)", file=sys.stderr)
-        return 1
-
     keep_stdio_usable()
     sock = connect(args.host, args.port)
     if not sock:
@@ -413,21 +579,24 @@ def main(argv=None):
     keyboard = None
     try:
         inbuf = bytearray()  # what the server sends while we ask the name
-        name = (args.name or "").strip() or ask_name(stdin, sock, inbuf)
+        if os.name == "nt" and windows_console(stdin) and windows_console(sys.stdout.fileno()):
+            keyboard = WindowsKeyboard(stdin)
+            name = (args.name or "").strip() or ask_name_in_console(keyboard, sock, inbuf)
+        else:
+            name = (args.name or "").strip() or ask_name(stdin, sock, inbuf)
         if name == "":
             return server_closed(None)
         if not name:
             return 0
         for line in split_lines(inbuf):
             print(harmless(line), flush=True)
-        if os.isatty(stdin) and sys.stdout.isatty():
+        if not keyboard and termios and os.isatty(stdin) and sys.stdout.isatty():
             # SIGTERM, SIGHUP (the terminal went away) and SIGQUIT (Ctrl-\) become
             # KeyboardInterrupt too, so the finally below restores the terminal.
             for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(signum, signal.default_int_handler)
             keyboard = TerminalKeyboard(stdin)
-        else:
-            keyboard = Keyboard(stdin)
+        keyboard = keyboard or Keyboard(stdin)  # a pipe or a file
         return chat(sock, name, keyboard, inbuf)
     except KeyboardInterrupt:  # Ctrl-C
         print()

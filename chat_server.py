@@ -365,9 +365,11 @@ def main(argv=None):
         print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
         return 1
     except OSError as err:
-        hint = " (is another server running?)" if err.errno == errno.EADDRINUSE else ""
-        print(f"error: cannot listen on {format_addr((args.host, args.port))}: "
-              f"{(err.strerror or str(err)).lower()}{hint}", file=sys.stderr)
+        why = (err.strerror or str(err)).lower()
+        if err.errno == errno.EADDRINUSE:  # in the same words on every system
+            why = "address already in use (is another server running?)"
+        print(f"error: cannot listen on {format_addr((args.host, args.port))}: {why}",
+              file=sys.stderr)
         return 1
 
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP

@@ -1402,20 +1402,6 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.stderr(), f"error: cannot connect to 127.0.0.1:{port}: "
                                           "connection refused (is the server running?)\n")
 
-    def test_where_select_cannot_watch_stdin_it_points_to_wsl(self):
-        # We cannot run Windows here, so we make the script believe it runs there. The
-        # modules it uses are imported first, while they still see the real os.name.
-        code = ("import argparse, os, runpy, select, shutil, socket, sys\n"
-                "os.name = 'nt'\n"
-                f"sys.argv = ['chat_client.py', '--port', '{self.server.port}', '--name', 'J']\n"
-                f"runpy.run_path({os.path.join(HERE, 'chat_client.py')!r}, run_name='__main__')\n")
-        result = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=WAIT)
-        self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stdout, "")
-        self.assertIn("WSL", result.stderr)
-        self.assertEqual(result.stderr.count("\n"), 1)
-
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_it_chats_and_ctrl_c_ends_it_cleanly(self):
         client = self.client(tty=True)
