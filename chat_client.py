@@ -383,7 +383,9 @@ def input_waiting(stdin):
         return True
     if not ctypes.windll.kernel32.PeekNamedPipe(handle, None, 0, None,
                                                 ctypes.byref(waiting), None):
-        return True  # the pipe is closed: read() returns b"", the end of input
+        # The pipe is closed (read() returns b"", the end of input), or it cannot be
+        # peeked into (Wine's pipes from Linux): then a read may wait for the next line.
+        return True
     return waiting.value > 0
 
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,10 +99,13 @@ class Proc:
     terminal and read the screen (stdout and stderr together). Otherwise stdin and
     stdout are pipes and stderr goes to a file."""
 
-    def __init__(self, test, script, *args, tty=False, preexec_fn=None, stderr=None, env=None):
+    def __init__(self, test, script, *args, tty=False, preexec_fn=None, stderr=None, env=None,
+                 windows=False):
         cmd = [sys.executable, os.path.join(HERE, script), *args]
         self.raw = bytearray()
         self.err = None
+        if windows:  # the Windows build of Python, under Wine; stderr shares the pipe
+            cmd, env, stderr = ["wine", WINE_PYTHON, script, *args], WINE_ENV, subprocess.STDOUT
         if tty:
             master, slave = pty.openpty()
             self.tty_at_start = termios.tcgetattr(slave)
@@ -123,7 +127,7 @@ class Proc:
             try:
                 self.popen = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                               stderr=stderr, preexec_fn=with_default_sigint(preexec_fn),
-                                              env=env)
+                                              env=env, cwd=HERE)
             finally:
                 if err_file:
                     err_file.close()
@@ -203,10 +207,11 @@ class Proc:
 class Server(Proc):
     """A server started on --port 0; .port is the port it reports."""
 
-    def __init__(self, test, script, *args, preexec_fn=None, stderr=None):
-        super().__init__(test, script, "--port", "0", *args, preexec_fn=preexec_fn, stderr=stderr)
+    def __init__(self, test, script, *args, preexec_fn=None, stderr=None, windows=False):
+        super().__init__(test, script, "--port", "0", *args, preexec_fn=preexec_fn, stderr=stderr,
+                         windows=windows)
         self.expect("\n")
-        match = LISTENING.fullmatch(self.output.strip())
+        match = LISTENING.fullmatch(self.output.split("\n")[0])
         test.assertTrue(match, f"unexpected first line: {self.output!r}")
         self.host, self.port = match.group(2), int(match.group(3))
 
@@ -1647,6 +1652,326 @@ class LoadTestTest(unittest.TestCase):
         # misses sender 1's line.
         self.assertEqual(ledger.counts, {"delivered": 7, "lost": 7, "duplicated": 1, "reordered": 1,
                                          "sent back": 1, "garbled": 1})
+
+
+# ---------------------------------------------------------------------------------------
+# Windows: the scripts under the Windows build of CPython, run by Wine. The harness stays
+# here in Linux Python (it selects on pipes, which Windows cannot do); it talks to the
+# scripts over sockets, pipes and a terminal (tmux). .ci/setup-wine installs Wine and the
+# Windows Python into WINPY_HOME.
+# ---------------------------------------------------------------------------------------
+
+WINPY_HOME = os.environ.get("WINPY_HOME", "/var/tmp/winpy")
+WINE_PYTHON = os.path.join(WINPY_HOME, "py", "cp313", "python.exe")
+WINE_ENV = {**{name: value for name, value in os.environ.items() if not name.startswith("PYTHON")},
+            "WINEPREFIX": os.path.join(WINPY_HOME, "prefix"), "WINEDEBUG": "-all",
+            "WINEDLLOVERRIDES": "mscoree=;mshtml="}  # no Mono or Gecko install prompts
+
+
+def why_no_windows():
+    """Why the Windows tests cannot run here, or "" if they can."""
+    if not WINPY_HOME:
+        return "WINPY_HOME is empty: the Windows tests are turned off"
+    missing = [tool for tool in ("wine", "wineserver", "tmux") if not shutil.which(tool)]
+    if missing or not os.path.exists(WINE_PYTHON):
+        return (f"needs Wine, tmux and the Windows build of Python in {WINPY_HOME} "
+                f"(missing: {', '.join(missing) or WINE_PYTHON}); .ci/setup-wine installs them")
+    return ""
+
+
+# Run before the script in a console. Wine copies the terminal's keys into its console
+# only once a process has waited on the console's input handle, so until then kbhit()
+# sees nothing. Real Windows needs no such thing. With --no-vt, it plays a console where
+# VT processing cannot be turned on (before Windows 10).
+CONSOLE_SHIM = """
+import ctypes, runpy, sys
+kernel32 = ctypes.windll.kernel32
+kernel32.WaitForSingleObject(kernel32.GetStdHandle(-10), 0)
+if sys.argv[1] == "--no-vt":
+    kernel32.SetConsoleMode = lambda handle, mode: 0
+    del sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+# Run before a script to feed it through a pipe made by Windows (as cmd.exe's "a | b"
+# does), line by line from ours. Wine's pipes from Linux cannot be peeked into
+# (PeekNamedPipe fails), so a script polling one would wait in read().
+PIPE_SHIM = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, *sys.argv[1:]], stdin=subprocess.PIPE)
+for line in iter(sys.stdin.buffer.readline, b""):
+    child.stdin.write(line)
+    child.stdin.flush()
+child.stdin.close()
+sys.exit(child.wait())
+"""
+
+
+class Console:
+    """A script under Windows Python in a console: Wine draws the console in a tmux
+    pane, we type into it and read the screen."""
+
+    def __init__(self, test, shim, script, *args, no_vt=False, columns=80):
+        self.tmux = ["tmux", "-L", f"chat-test-{os.getpid()}-{id(self)}", "-f", "/dev/null"]
+        command = shlex.join(["wine", WINE_PYTHON, shim, *(["--no-vt"] if no_vt else []),
+                              script, *args])
+        subprocess.run([*self.tmux, "new-session", "-d", "-x", str(columns), "-y", "24", "-c", HERE,
+                        f"{command}; echo EXIT=$?; sleep {3 * WAIT}"],
+                       env=WINE_ENV, check=True, timeout=WAIT)
+        test.addCleanup(self.close)
+        self.shell = int(self.run("display-message", "-p", "#{pane_pid}"))
+
+    def run(self, *args):
+        return subprocess.run([*self.tmux, *args], capture_output=True, text=True,
+                              timeout=WAIT).stdout
+
+    def screen(self):
+        """The screen as text: its rows, without trailing blank rows."""
+        return self.run("capture-pane", "-p").rstrip("\n")
+
+    def expect(self, text):
+        screens = []
+        wait_until(lambda: screens.append(self.screen()) or text in screens[-1],
+                   f"{text!r} on the screen; last seen:\n{screens[-1] if screens else ''}")
+
+    def type(self, text):
+        self.run("send-keys", "-l", text)
+
+    def press(self, *keys):
+        self.run("send-keys", *keys)
+
+    def exit_status(self):
+        self.expect("EXIT=")
+        return int(re.search(r"EXIT=(\d+)", self.screen()).group(1))
+
+    def close(self):
+        """Stop what runs in the pane (wine, if still there), then tmux."""
+        try:
+            with open(f"/proc/{self.shell}/task/{self.shell}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            children = []
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.run("kill-server")
+
+
+@unittest.skipIf(why_no_windows(), why_no_windows())
+class WindowsTest(unittest.TestCase):
+    """The four scripts with Windows semantics: select() on sockets only, msvcrt, WinError
+    codes, cp1252 pipes. Wine runs them over Linux's TCP stack, so this is not Windows,
+    but it is the real Windows build of Python."""
+
+    @classmethod
+    def setUpClass(cls):
+        quiet = dict(env=WINE_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+        # One Wine server for all the tests, not one start (3 s) each. It ends by itself
+        # 5 s after the last Windows process.
+        subprocess.run(["wineserver", "-p5"], timeout=WAIT, **quiet)
+        subprocess.run(["wine", "wineboot"], timeout=6 * WAIT, **quiet)
+        cls.folder = tempfile.mkdtemp(prefix="test_chat.")
+        cls.shim = os.path.join(cls.folder, "console_shim.py")
+        cls.pipe_shim = os.path.join(cls.folder, "pipe_shim.py")
+        for path, code in ((cls.shim, CONSOLE_SHIM), (cls.pipe_shim, PIPE_SHIM)):
+            with open(path, "w") as f:
+                f.write(code)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder)
+
+    def chat_room(self):
+        """A Linux chat server with someone in the room."""
+        server = Server(self, "chat_server.py")
+        other = Peer(self, server.port)
+        self.assertEqual(other.line(), WELCOME)
+        return server, other
+
+    def test_chat_server_relays_between_linux_clients_and_ctrl_c_stops_it(self):
+        server = Server(self, "chat_server.py", windows=True)
+        ann, bob = Peer(self, server.port), Peer(self, server.port)
+        self.assertEqual((ann.line(), ann.line()), (WELCOME, b"* a user joined (2 online)"))
+        self.assertEqual(bob.line(), WELCOME)
+        ann.send(b"Ann: hi\r\n")
+        self.assertEqual(bob.line(), b"Ann: hi")
+        bob.send(b"Bob: hel")
+        bob.send(b"lo\n")
+        self.assertEqual(ann.line(), b"Bob: hello")  # not her own line first: never sent back
+        bob.sock.close()
+        self.assertEqual(ann.line(), b"* a user left (1 online)")
+        self.assertEqual(server.stop(signal.SIGINT), 0)  # Wine delivers it as Ctrl-C
+        output = server.read_to_end()
+        self.assertTrue(output.endswith("shutting down\n"), output)
+        no_traceback(self, output)
+
+    def test_echo_server_echoes_a_megabyte_and_ctrl_c_stops_it(self):
+        server = Server(self, "echo_server.py", windows=True)
+        peer = Peer(self, server.port)
+        payload = os.urandom(1 << 20)
+        self.assertEqual(transfer(peer.sock, payload), payload)
+        peer.sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(peer.read_to_eof(), b"")  # half-close: all sent, then it closes
+        self.assertEqual(server.stop(signal.SIGINT), 0)
+        no_traceback(self, server.read_to_end())
+
+    def test_a_port_in_use_is_reported_in_the_same_words_as_on_linux(self):
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = str(holder.getsockname()[1])
+            for script in ("echo_server.py", "chat_server.py"):
+                with self.subTest(script=script):
+                    linux = Proc(self, script, "--port", port)
+                    self.assertEqual(linux.wait(), 1)
+                    windows = Proc(self, script, "--port", port, windows=True)
+                    self.assertEqual(windows.wait(), 1)
+                    self.assertIn("address already in use", linux.stderr())
+                    self.assertEqual(windows.read_to_end(), linux.stderr())
+
+    def test_servers_stay_within_the_512_sockets_that_select_can_watch_on_windows(self):
+        server = Server(self, "chat_server.py", windows=True)
+        server.expect("serving up to 488 clients at once")  # 512, less some to spare
+        server = Server(self, "chat_server.py", "--max-clients", "1000", windows=True)
+        peers = [Peer(self, server.port) for _ in range(530)]
+        first_lines = [peer.line() for peer in peers]
+        self.assertEqual(first_lines.count(WELCOME), 511)  # and the listener: 512
+        self.assertEqual(first_lines.count(b"error: server full, try again later"), 19)
+        peers[0].send(b"still here\n")
+        self.assertEqual(peers[510].line(), b"still here")  # the last one seated
+
+    def test_echo_client_from_a_pipe(self):
+        server = Server(self, "echo_server.py")
+        client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(server.port),
+                      windows=True)
+        client.type("hello\n")
+        client.expect("recv: hello\n")
+        client.type("quit\n")
+        self.assertEqual(client.read_to_end(), "send: recv: hello\nsend: ")
+        self.assertEqual(client.wait(), 0)
+
+    def test_chat_client_from_a_pipe_reads_each_line_as_it_comes(self):
+        server, other = self.chat_room()
+        client = Proc(self, self.pipe_shim, "chat_client.py", "--host", "127.0.0.1",
+                      "--port", str(server.port), windows=True)
+        client.type("Ann\n")
+        client.expect("Welcome to the chatroom!\n")
+        self.assertEqual(other.line(), b"* a user joined (2 online)")
+        client.type("hi from a pipe\n")  # select() cannot see the pipe: it is polled
+        self.assertEqual(other.line(), b"Ann: hi from a pipe")
+        other.send(b"Bob: hello Ann\n")
+        client.expect("Bob: hello Ann\n")
+        client.type("quit\n")
+        self.assertEqual(other.line(), b"* a user left (1 online)")  # quit, not the end of input
+        client.close_stdin()  # which the pipe's feeder waits for
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.read_to_end())
+
+    def test_chat_client_in_a_console_keeps_the_typed_line_and_edits_it(self):
+        server, other = self.chat_room()
+        console = Console(self, self.shim, "chat_client.py", "--host", "127.0.0.1",
+                          "--port", str(server.port))
+        console.expect("name:")  # (tmux drops the space at the end of a row)
+        console.type("Ann")
+        console.expect("name: Ann")
+        console.press("Enter")
+        console.expect("Welcome to the chatroom!")
+        self.assertEqual(other.line(), b"* a user joined (2 online)")
+        console.type("half a l")
+        console.press("Left", "Up", "Delete")  # arrows and the like are skipped
+        console.type("ine")
+        console.expect("half a line")
+        other.send(b"Bob: a line arrives\n")
+        console.expect("Bob: a line arrives\nhalf a line")  # above what we type, intact
+        console.type("junk")
+        console.press("BSpace", "BSpace", "BSpace", "BSpace")
+        console.type("!")
+        console.expect("half a line!")
+        console.press("Enter")
+        self.assertEqual(other.line(), b"Ann: half a line!")
+        console.type("all of this goes")
+        console.expect("all of this goes")
+        console.press("C-u")
+        console.type("quit")
+        console.press("Enter")
+        self.assertEqual(console.exit_status(), 0)
+        self.assertEqual(other.line(), b"* a user left (1 online)")
+        self.assertNotIn("Traceback", console.screen())
+        self.assertEqual(console.screen().split("\n")[:5],
+                         ["name: Ann", "Welcome to the chatroom!", "Bob: a line arrives",
+                          "Ann: half a line!", "EXIT=0"])
+
+    def test_chat_client_in_a_console_without_vt_keeps_the_line_on_one_row(self):
+        server, other = self.chat_room()
+        console = Console(self, self.shim, "chat_client.py", "--host", "127.0.0.1",
+                          "--port", str(server.port), "--name", "Ann", no_vt=True, columns=40)
+        console.expect("Welcome to the chatroom!")
+        self.assertEqual(other.line(), b"* a user joined (2 online)")
+        console.type("a line too long for the forty columns")
+        console.expect("long for the forty columns")
+        console.type(" here")
+        other.send(b"Bob: hi\n")
+        console.expect("Bob: hi\n")
+        # Without escapes the typed line cannot be wiped once it wraps: we show its end.
+        console.expect("for the forty columns here")
+        self.assertEqual(console.screen().split("\n")[-1], "ine too long for the forty columns here")
+        console.press("Enter")
+        self.assertEqual(other.line(), b"Ann: a line too long for the forty columns here")
+        console.press("C-c")
+        self.assertEqual(console.exit_status(), 0)
+        self.assertNotIn("Traceback", console.screen())
+
+    def test_chat_client_in_a_console_says_at_once_when_the_server_refuses_it(self):
+        server = Server(self, "chat_server.py", "--max-clients", "1")
+        seated = Peer(self, server.port)
+        self.assertEqual(seated.line(), WELCOME)
+        console = Console(self, self.shim, "chat_client.py", "--host", "127.0.0.1",
+                          "--port", str(server.port))
+        self.assertEqual(console.exit_status(), 1)  # while it asks the name
+        self.assertEqual(console.screen().split("\n")[:4],
+                         ["name:", "error: server full, try again later",
+                          "server closed the connection", "EXIT=1"])
+
+    def test_chat_client_keys_that_wine_cannot_type(self):
+        # Wine's console gives no Ctrl-Z and no function keys, so we feed WindowsKeyboard
+        # what msvcrt.getwch() returns on Windows, here in Linux Python.
+        spec = importlib.util.spec_from_file_location("chat_client", os.path.join(HERE, "chat_client.py"))
+        chat_client = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(chat_client)
+
+        class FakeMsvcrt:
+            keys = []
+
+            def kbhit(self):
+                return bool(self.keys)
+
+            def getwch(self):
+                return self.keys.pop(0)
+
+        chat_client.msvcrt = fake = FakeMsvcrt()
+        keyboard = object.__new__(chat_client.WindowsKeyboard)
+        keyboard.chars, keyboard.escape, keyboard.prompt, keyboard.vt = [], "", "", True
+
+        def typed(keys):
+            fake.keys[:] = keys
+            return keyboard.read_lines()
+
+        # F1 is "\x00;", Left "\xe0K", Delete "\xe0S": skipped. Enter ends the read.
+        self.assertEqual(typed(["\x00", ";", "a", "\xe0", "K", "b", "\xe0", "S", "\r", "c"]),
+                         (["ab"], True))
+        self.assertEqual(fake.keys, ["c"])  # the next line waits in the console
+        self.assertEqual(typed(["\xe0", "\r"]), (["à"], True))  # "\xe0" alone is à
+        self.assertEqual(typed(["x", "\x1a", "\r"]), (["x"], True))  # Ctrl-Z ends an empty line only
+        self.assertEqual(typed(["\x1a"]), ([], True))
+        self.assertEqual(keyboard.text(), "^Z")
+        self.assertEqual(typed(["\r"]), ([], False))  # Ctrl-Z, then Enter: the end
+        with self.assertRaises(KeyboardInterrupt):
+            typed(["\x03"])
 
 
 if __name__ == "__main__":
