@@ -154,7 +154,8 @@ class Keyboard:
 
 # The fine print ------------------------------------------------------------------------
 # What a real client needs besides the lesson: a keyboard that keeps the typed line
-# intact in a terminal, asking your name, connecting with clear errors, the command line.
+# intact in a terminal, the same in a Windows console (where select() cannot watch the
+# keyboard), asking your name, connecting with clear errors, the command line.
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
 SEND_LIMIT = 4096         # chat_server.py refuses a longer line (and drops its sender)
@@ -182,8 +183,7 @@ class TerminalKeyboard(Keyboard):
     you are typing. So we turn line mode and echo off (cbreak mode: Ctrl-C still
     interrupts), keep the typed line here, and around everything the loop prints we wipe
     it off the screen, then draw it again below. The editor knows Backspace, Ctrl-U,
-    Enter and Ctrl-D, and skips arrow keys (readline does far more). Kept simple: a typed
-    line wider than the terminal wraps, and we wipe only its last row."""
+    Enter and Ctrl-D, and skips arrow keys (readline does far more)."""
 
     def __init__(self, fd):
         super().__init__(fd)
