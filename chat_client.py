@@ -334,10 +334,11 @@ class WindowsKeyboard(TerminalKeyboard):
         text = self.prompt + "".join(self.chars).replace(CTRL_Z, "^Z")
         if self.vt:
             return text
-        columns, shown = terminal_columns() - 1, ""  # one row, the end of the line
-        while text and width(text[-1]) + sum(map(width, shown)) <= columns:
-            text, shown = text[:-1], text[-1] + shown
-        return shown
+        room, start = terminal_columns() - 1, len(text)  # one row: the end of the line
+        while start and width(text[start - 1]) <= room:
+            start -= 1
+            room -= width(text[start])
+        return text[start:]
 
     def hide(self):
         if self.vt:
@@ -429,8 +430,8 @@ def ask_name(fd, sock, inbuf):
             if fd not in readable:
                 continue
             data = os.read(fd, LINE_LIMIT if os.isatty(fd) else 1)
-            if not data or data.startswith(b"\x1a"):  # end of input (Windows: Ctrl-Z)
-                return None
+            if not data or data.startswith(b"\x1a") and os.isatty(fd):
+                return None  # the end of input (in a Windows console: Ctrl-Z, then Enter)
             line += data
         name = line.decode("utf-8", errors="replace").strip()
         if name:
