@@ -163,6 +163,12 @@ LINGER = 5                # seconds we wait, from a pipe, for the server's last 
 # Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
 ENTER, BACKSPACE, CTRL_D, CTRL_U, CTRL_Z, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1a", "\x1b"
 POLL_EVERY = 0.05         # Windows: seconds a key may wait to be seen (see select_windows)
+# After "\xe0", the codes of the Windows keys that send it: arrows, Home, End, Page Up
+# and Down, Insert, Delete, alone and with Ctrl. After any other character, "\xe0" was a
+# typed "à". (So "à" and then one of these, typed within POLL_EVERY seconds, is lost.)
+EXTENDED_KEYS = "GHIKMOPQRSstuvw\x84\x85\x86\x8d\x91\x92\x93\x94"
+ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004  # a console mode: it takes ANSI escapes
+FILE_TYPE_PIPE = 3                           # what GetFileType() says of a pipe
 
 try:
     import termios  # POSIX terminals only
@@ -347,12 +353,6 @@ class WindowsKeyboard(TerminalKeyboard):
         sys.stdout.write("\r" + " " * (terminal_columns() - 1) + "\r")
 
 
-ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004
-# After "\xe0", the codes of the keys that send it: arrows, Home, End, Page Up and
-# Down, Insert, Delete, and with Ctrl. Any other character after it was typed: "\xe0"
-# is also "à". (Typed within POLL_EVERY seconds, "à" then one of these is lost.)
-EXTENDED_KEYS = "GHIKMOPQRSstuvw\x84\x85\x86\x8d\x91\x92\x93\x94"
-
 
 def select_windows(want_read, want_write):
     """select.select() for Windows, where it watches sockets only (anything else fails
@@ -388,9 +388,6 @@ def input_waiting(stdin):
         # peeked into (Wine's pipes from Linux): then a read may wait for the next line.
         return True
     return waiting.value > 0
-
-
-FILE_TYPE_PIPE = 3
 
 
 def windows_console(fd):
