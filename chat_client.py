@@ -560,7 +560,8 @@ def connect(host, port):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Step 3: a chat client. Type a line to send it; quit, exit or Ctrl-D leaves.")
+        description="Step 3: a chat client. Type a line to send it; quit, exit or Ctrl-D "
+                    "(on Windows: Ctrl-Z, then Enter) leaves.")
     parser.add_argument("--host", default="localhost",
                         help="server to connect to (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
