@@ -167,8 +167,7 @@ POLL_EVERY = 0.05         # Windows: seconds a key may wait to be seen (see sele
 # and Down, Insert, Delete, alone and with Ctrl. After any other character, "\xe0" was a
 # typed "à". (So "à" and then one of these, typed within POLL_EVERY seconds, is lost.)
 EXTENDED_KEYS = "GHIKMOPQRSstuvw\x84\x85\x86\x8d\x91\x92\x93\x94"
-ENABLE_VIRTUAL_TERMINAL_PROCESSING = 0x0004  # a console mode: it takes ANSI escapes
-FILE_TYPE_PIPE = 3                           # what GetFileType() says of a pipe
+FILE_TYPE_PIPE = 3        # what GetFileType() says of a pipe
 
 try:
     import termios  # POSIX terminals only
@@ -304,21 +303,17 @@ class WindowsKeyboard(TerminalKeyboard):
     most, and we take the keys that msvcrt has meanwhile: a key may wait that long.
     msvcrt.getwch() gives one character a call: Enter is "\r", Ctrl-C "\x03", and an
     arrow or function key is two, "\x00" or "\xe0" then a code, which we skip.
-    We turn on the console's VT processing (Windows 10 and later) for the ANSI escapes
-    that wipe the typed line. Where it cannot be turned on, we keep the typed line to one
-    row, showing its end if it is too long, and wipe that row with spaces."""
+    We wipe and draw the typed line without escape sequences, so a console without VT
+    processing (before Windows 10, or with it off) works as well as one with it: the
+    typed line is kept to one row, showing its end if it is longer, and a carriage
+    return, spaces and a carriage return wipe it."""
 
     def __init__(self, fd):
         Keyboard.__init__(self, fd)
         self.shown, self.chars, self.escape, self.prompt = False, [], "", ""
-        self.screen = wintypes.HANDLE(msvcrt.get_osfhandle(sys.stdout.fileno()))
-        self.saved = wintypes.DWORD()
-        ctypes.windll.kernel32.GetConsoleMode(self.screen, ctypes.byref(self.saved))
-        self.vt = bool(ctypes.windll.kernel32.SetConsoleMode(
-            self.screen, self.saved.value | ENABLE_VIRTUAL_TERMINAL_PROCESSING))
 
     def restore(self):
-        ctypes.windll.kernel32.SetConsoleMode(self.screen, self.saved.value)
+        """The console's modes are as we found them: there is nothing to put back."""
 
     def read_lines(self):
         """Apply the keys waiting in the console, up to the first Enter: what was typed
@@ -337,18 +332,16 @@ class WindowsKeyboard(TerminalKeyboard):
         return self.edit("".join(keys))
 
     def text(self):
+        """The end of the typed line that fits in one row, short of its last column (a
+        character there could move the cursor to the next row)."""
         text = self.prompt + "".join(self.chars).replace(CTRL_Z, "^Z")
-        if self.vt:
-            return text
-        room, start = terminal_columns() - 1, len(text)  # one row: the end of the line
+        room, start = terminal_columns() - 1, len(text)
         while start and width(text[start - 1]) <= room:
             start -= 1
             room -= width(text[start])
         return text[start:]
 
     def hide(self):
-        if self.vt:
-            return super().hide()
         self.shown = False
         sys.stdout.write("\r" + " " * (terminal_columns() - 1) + "\r")
 

@@ -1681,15 +1681,11 @@ def why_no_windows():
 
 # Run before the script in a console. Wine copies the terminal's keys into its console
 # only once a process has waited on the console's input handle, so until then kbhit()
-# sees nothing. Real Windows needs no such thing. With --no-vt, it plays a console where
-# VT processing cannot be turned on (before Windows 10).
+# sees nothing. Real Windows needs no such thing.
 CONSOLE_SHIM = """
 import ctypes, runpy, sys
 kernel32 = ctypes.windll.kernel32
 kernel32.WaitForSingleObject(kernel32.GetStdHandle(-10), 0)
-if sys.argv[1] == "--no-vt":
-    kernel32.SetConsoleMode = lambda handle, mode: 0
-    del sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -1713,10 +1709,9 @@ class Console:
     """A script under Windows Python in a console: Wine draws the console in a tmux
     pane, we type into it and read the screen."""
 
-    def __init__(self, test, shim, script, *args, no_vt=False, columns=80):
+    def __init__(self, test, shim, script, *args, columns=80):
         self.tmux = ["tmux", "-L", f"chat-test-{os.getpid()}-{id(self)}", "-f", "/dev/null"]
-        command = shlex.join(["wine", WINE_PYTHON, shim, *(["--no-vt"] if no_vt else []),
-                              script, *args])
+        command = shlex.join(["wine", WINE_PYTHON, shim, script, *args])
         subprocess.run([*self.tmux, "new-session", "-d", "-x", str(columns), "-y", "24", "-c", HERE,
                         f"{command}; echo EXIT=$?; sleep {3 * WAIT}"],
                        env=WINE_ENV, check=True, timeout=WAIT)
@@ -1913,22 +1908,25 @@ class WindowsTest(unittest.TestCase):
                          ["name: Ann", "Welcome to the chatroom!", "Bob: a line arrives",
                           "Ann: half a line!", "EXIT=0"])
 
-    def test_chat_client_in_a_console_without_vt_keeps_the_line_on_one_row(self):
+    def test_chat_client_in_a_console_keeps_a_long_typed_line_on_one_row(self):
         server, other = self.chat_room()
         console = Console(self, self.shim, "chat_client.py", "--host", "127.0.0.1",
-                          "--port", str(server.port), "--name", "Ann", no_vt=True, columns=40)
+                          "--port", str(server.port), "--name", "Ann", columns=30)
         console.expect("Welcome to the chatroom!")
         self.assertEqual(other.line(), b"* a user joined (2 online)")
-        console.type("a line too long for the forty columns")
-        console.expect("long for the forty columns")
-        console.type(" here")
-        other.send(b"Bob: hi\n")
-        console.expect("Bob: hi\n")
-        # Without escapes the typed line cannot be wiped once it wraps: we show its end.
-        console.expect("for the forty columns here")
-        self.assertEqual(console.screen().split("\n")[-1], "ine too long for the forty columns here")
+        console.type("a line too long for thirty")
+        console.expect("a line too long for thirty")
+        console.type(" columns")  # now 34 characters: we show the end, in 29 columns
+        console.expect("too long for thirty columns")
+        other.send(b"Bob: one\n")
+        console.expect("Bob: one")
+        other.send(b"Bob: two\n")
+        console.expect("Bob: two\ne too long for thirty columns")
+        self.assertEqual(console.screen().split("\n"),
+                         ["Welcome to the chatroom!", "Bob: one", "Bob: two",
+                          "e too long for thirty columns"])  # nothing above it was wiped
         console.press("Enter")
-        self.assertEqual(other.line(), b"Ann: a line too long for the forty columns here")
+        self.assertEqual(other.line(), b"Ann: a line too long for thirty columns")
         console.press("C-c")
         self.assertEqual(console.exit_status(), 0)
         self.assertNotIn("Traceback", console.screen())
@@ -1961,8 +1959,9 @@ class WindowsTest(unittest.TestCase):
                 return self.keys.pop(0)
 
         chat_client.msvcrt = fake = FakeMsvcrt()
+        chat_client.terminal_columns = lambda: 80
         keyboard = object.__new__(chat_client.WindowsKeyboard)
-        keyboard.chars, keyboard.escape, keyboard.prompt, keyboard.vt = [], "", "", True
+        keyboard.chars, keyboard.escape, keyboard.prompt = [], "", ""
 
         def typed(keys):
             fake.keys[:] = keys
