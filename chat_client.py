@@ -85,15 +85,22 @@ def show_received(sock, inbuf):
         data = b""
     if not data:  # b"": the server closed the connection
         if inbuf:  # an unfinished last line
-            print(harmless(inbuf), flush=True)
+            show(inbuf)
         return False
     inbuf += data
     for line in split_lines(inbuf):
-        print(harmless(line), flush=True)
+        show(line)
     if len(inbuf) > LINE_LIMIT:  # no newline in sight: print it in pieces, keep memory bounded
-        print(harmless(inbuf), flush=True)
+        show(inbuf)
         inbuf.clear()
     return True
+
+
+def show(line):
+    """Print a line from the server: untrusted text, so made harmless first."""
+    global last_shown
+    last_shown = bytes(line)  # finish(), in the fine print, asks: was it a refusal?
+    print(harmless(line), flush=True)
 
 
 def harmless(raw):
@@ -163,6 +170,7 @@ LINGER = 5                # seconds we wait, from a pipe, for the server's last 
 # Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
 ENTER, BACKSPACE, CTRL_D, CTRL_U, CTRL_Z, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1a", "\x1b"
 POLL_EVERY = 0.05         # Windows: seconds a key may wait to be seen (see select_windows)
+last_shown = b""          # the last line from the server that we printed: see show()
 # After "\xe0", the codes of the Windows keys that send it: arrows, Home, End, Page Up
 # and Down, Insert, Delete, alone and with Ctrl. After any other character, "\xe0" was a
 # typed "à". (So "à" and then one of these, typed within POLL_EVERY seconds, is lost.)
@@ -460,7 +468,7 @@ def server_says(sock, inbuf):
     elif data == b"":
         print()
         for said in inbuf.splitlines():
-            print(harmless(said), flush=True)
+            show(said)
         return False
     return True
 
@@ -472,11 +480,11 @@ def finish(sock, inbuf, keyboard):
     refused us (error: server full, say), we exit with status 1."""
     if isinstance(keyboard, TerminalKeyboard):
         return 0
+    end = time.monotonic() + LINGER
     try:
         sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        return 0
-    last, end = b"", time.monotonic() + LINGER
+    except OSError:  # the server has reset the connection already
+        end = 0
     while select.select([sock], [], [], max(0, end - time.monotonic()))[0]:
         data = receive(sock)
         if data is None:
@@ -485,13 +493,13 @@ def finish(sock, inbuf, keyboard):
             inbuf += b"\n"
         inbuf += data
         for line in split_lines(inbuf):
-            print(harmless(line), flush=True)
-            last = line
+            show(line)
         if not data:
             break
         if len(inbuf) > LINE_LIMIT:  # no newline in sight: keep memory bounded
             inbuf.clear()
-    return 1 if last.startswith(b"error:") else 0
+    # The last line may have come before we got here: show() keeps it.
+    return 1 if last_shown.startswith(b"error:") else 0
 
 
 def too_long_to_send(message):
@@ -583,7 +591,7 @@ def main(argv=None):
         if not name:
             return 0
         for line in split_lines(inbuf):
-            print(harmless(line), flush=True)
+            show(line)
         if not keyboard and termios and os.isatty(stdin) and sys.stdout.isatty():
             # SIGTERM, SIGHUP (the terminal went away) and SIGQUIT (Ctrl-\) become
             # KeyboardInterrupt too, so the finally below restores the terminal.

@@ -1237,6 +1237,24 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.wait(), 1)
         self.assertIn("error: server full, try again later\n", client.read_to_end())
 
+    def test_from_a_pipe_a_refusal_seen_before_the_input_ends_still_gives_status_1(self):
+        # The order that once raced: the refusal is shown while we still read stdin, and
+        # the server closes only after our input ends (here it waits for our half-close).
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(WAIT)
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
+                      "--port", str(listener.getsockname()[1]), "--name", "ci")
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(WAIT)
+        conn.sendall(b"error: server full, try again later\n")
+        client.expect("error: server full, try again later\n")
+        client.close_stdin()
+        self.assertEqual(conn.recv(100), b"")  # its half-close
+        conn.close()
+        self.assertEqual(client.wait(), 1)
+
     def test_from_a_pipe_what_the_server_sends_after_the_last_line_is_still_shown(self):
         echo = Server(self, "echo_server.py")
         client = self.client("--name", "John", server=echo)
