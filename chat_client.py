@@ -97,15 +97,11 @@ def show_received(sock, inbuf):
 
 
 def show(line):
-    """Print a line from the server: untrusted text, so made harmless first."""
+    """Print a line from the server. It is untrusted: we decode it with replacement, and
+    make every control character visible (MAKE_VISIBLE)."""
     global last_shown
     last_shown = bytes(line)  # finish(), in the fine print, asks: was it a refusal?
-    print(harmless(line), flush=True)
-
-
-def harmless(raw):
-    """Decode bytes from the network and make them safe to print."""
-    return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
+    print(line.decode("utf-8", errors="replace").translate(MAKE_VISIBLE), flush=True)
 
 
 def split_lines(buf):
