@@ -12,6 +12,7 @@ What a real server needs besides the lesson comes after the line "The fine print
 """
 import argparse
 import errno
+import json
 import os
 import select
 import signal
@@ -51,16 +52,20 @@ def serve(listener, max_clients):
         if not room_is_waiting(clients):  # flood control: see the fine print
             want_read += [c.sock for c in clients.values() if not c.closing]
         want_write = [c.sock for c in clients.values() if c.outbuf]
+        if link:  # step 5 (--nats): the link to the other servers, one more socket
+            link.watch(want_read, want_write, clients)
 
         # The one place we wait. Writable means the kernel's send buffer has room, not that
         # data arrived. We don't use the third list (TCP urgent data).
-        readable, _, _ = select.select(want_read, want_write, [], TICK)
+        readable, writable, _ = select.select(want_read, want_write, [], TICK)
 
         for sock in readable:
             if sock is listener:
                 accept_clients(listener, clients, max_clients)
             elif sock in clients:  # skip a client dropped earlier in this pass
                 read_from(clients[sock], clients)
+        if link:
+            link.turn(readable, writable, clients)  # lines from the other servers, and to them
         # One send() to every client with output, not only to those select() found writable,
         # so what was queued this turn leaves this turn (speed). A full socket just refuses.
         for client in list(clients.values()):
@@ -81,8 +86,8 @@ def accept_clients(listener, clients, max_clients):
         set_socket_options(sock)  # see the fine print: no Nagle delay, a bounded buffer
         client = clients[sock] = Client(sock, name)
         client.outbuf += WELCOME
-        broadcast(f"* a user joined ({online(clients)} online)\n".encode(), clients, sender=client)
-        log(f"{name} connected ({online(clients)} online)")
+        broadcast(f"* a user joined ({online(clients)})\n".encode(), clients, sender=client)
+        log(f"{name} connected ({online(clients)})")
 
 
 def read_from(client, clients):
@@ -129,6 +134,8 @@ def broadcast(data, clients, sender=None):
         # A client already past OUTBUF_LIMIT gets nothing more: it is dropped this turn.
         if client is not sender and not client.closing and len(client.outbuf) <= OUTBUF_LIMIT:
             client.outbuf += data
+    if link and sender is not link:  # step 5: the other servers' clients are in the room too
+        link.publish(data)
 
 
 def write_to(client, clients):
@@ -164,12 +171,13 @@ def leave_room(client, clients, why):
     """Tell everyone else, once, that client has left. Its socket closes later."""
     if not client.closing:
         client.closing = True
-        broadcast(f"* a user left ({online(clients)} online)\n".encode(), clients)
-        log(f"{client.name} {why} ({online(clients)} online)")
+        broadcast(f"* a user left ({online(clients)})\n".encode(), clients)
+        log(f"{client.name} {why} ({online(clients)})")
 
 
-def online(clients):
-    return sum(not c.closing for c in clients.values())
+def online(clients):  # "3 online" on this server; with --nats it says which: "on host:7007"
+    count = sum(not c.closing for c in clients.values())
+    return f"{count} online" + (f" on {link.server_name}" if link else "")
 
 
 # The fine print ------------------------------------------------------------------------
@@ -193,6 +201,11 @@ drain_timeout = 10.0        # seconds a client that has left may take nothing (-
 BEHIND = 64 * 1024          # unsent bytes past which a client holds the room back
 STALL_LIMIT = 2.0           # seconds a client may hold the room back before it is dropped
 SERVER_FULL = b"error: server full, try again later\n"
+link = None                 # the NatsLink with --nats (step 5), else None
+NATS_SUBJECT = "chatroom"   # where the linked servers publish their lines
+NATS_TIMEOUT = 5.0          # seconds to connect to NATS and hear its PONG
+RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again: see NatsLink
+PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
 
 
 def log(message):
@@ -278,7 +291,8 @@ def room_is_waiting(clients):
     we read no one: TCP then slows every sender down to the pace of the slowest reader.
     This is step 1's backpressure, applied to the whole room, so one client sending as
     fast as it can never gets readers who read at a normal pace dropped."""
-    return any(len(c.outbuf) > BEHIND and not c.closing for c in clients.values())
+    return (any(len(c.outbuf) > BEHIND and not c.closing for c in clients.values())
+            or bool(link and link.behind()))  # the link to NATS is held to the same pace
 
 
 def stuck(client):
@@ -291,6 +305,221 @@ def stuck(client):
     if client.behind_since is None:
         client.behind_since = time.monotonic()
     return time.monotonic() - client.behind_since > STALL_LIMIT
+
+
+class NatsLink:
+    """Step 5 (--nats HOST:PORT): this server's room joined with every other server linked
+    to the same NATS server, over one TCP connection that the same select() loop serves.
+
+    NATS speaks lines of text. It greets us with INFO {...}; we answer CONNECT {...} (with
+    "echo": false, NATS never hands us back our own lines), SUB room 1 and PING, and the
+    PONG says we are in. broadcast() hands publish() every batch of lines and notices from
+    our clients: PUB room N, then the N bytes. What the other servers publish comes to us
+    as MSG room 1 N and the N bytes, and goes to our clients, whom broadcast() does not
+    send back to NATS: the link is their sender. NATS sends PING now and then; we answer
+    PONG, and we PING it too, to notice a NATS that stopped answering.
+
+    Faults. If the link drops, we log it, keep serving our own clients, and try again
+    after RETRY_MIN seconds, then twice as long each time, up to RETRY_MAX. Lines sent
+    meanwhile do not cross: core NATS delivers at most once. Our output to NATS counts
+    like a client's in room_is_waiting(): past BEHIND bytes the room waits for it, and a
+    link that holds the room back for STALL_LIMIT seconds, or does not answer two PINGs,
+    is dropped and made again. So our memory stays bounded, and NATS's own cut-off of a
+    slow reader (us, while the room waits) only makes us reconnect."""
+
+    def __init__(self, host, port, server_name):
+        self.where = format_addr((host, port))
+        self.address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        self.server_name = server_name  # in our notices: "3 online on host:7007"
+        self.sock = None
+        self.state = "down"             # "connecting", "greeting" (until PONG), "up"
+        self.inbuf = bytearray()        # from NATS: the start of a line or a MSG's payload
+        self.outbuf = bytearray()       # to NATS, not taken by the kernel yet
+        self.since = time.monotonic()   # when the state last changed
+        self.retry_in = RETRY_MIN
+        self.max_payload = 1024 * 1024  # NATS's limit on a message; its INFO says
+        self.pings = 0                  # PINGs of ours not answered yet
+        self.behind_since = None
+        self.lost_at = None             # when the link went down, while it is down
+        self.why = ""                   # why it last went down
+
+    def connect_now(self):
+        """At start: link now, waiting, or raise OSError saying why."""
+        sock = socket.create_connection(self.address[4][:2], timeout=NATS_TIMEOUT)
+        self.sock, self.state = sock, "greeting"
+        while self.state == "greeting":
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                raise OSError("it closed the connection")
+            self.inbuf += data
+            if not self.take_in({}):
+                raise OSError(self.why)
+            sock.sendall(self.outbuf)
+            self.outbuf.clear()
+        sock.setblocking(False)
+
+    def watch(self, want_read, want_write, clients):
+        """Add our socket to what select() watches, or start a connection when it is time."""
+        now = time.monotonic()
+        if self.state == "down" and now >= self.since + self.retry_in:
+            self.start_connecting()
+        if self.state == "connecting":
+            want_write.append(self.sock)  # writable: the connection is made, or has failed
+        elif self.state != "down":
+            # Like a client, we are not read while someone in our room is behind.
+            if not any(len(c.outbuf) > BEHIND and not c.closing for c in clients.values()):
+                want_read.append(self.sock)
+            if self.outbuf:
+                want_write.append(self.sock)
+
+    def start_connecting(self):
+        family, kind, proto, _, addr = self.address
+        self.sock = socket.socket(family, kind, proto)
+        self.sock.setblocking(False)
+        self.state, self.since = "connecting", time.monotonic()
+        err = self.sock.connect_ex(addr)  # connect without waiting: select() tells us
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self.fail(os.strerror(err).lower())
+
+    def turn(self, readable, writable, clients):
+        """One turn of the loop for the link: connect, read, write, and check its health."""
+        now = time.monotonic()
+        if self.state == "connecting" and self.sock in writable:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                return self.fail(os.strerror(err).lower())
+            self.state, self.since = "greeting", now
+        if self.state in ("greeting", "up") and self.sock in readable:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                data = None
+            except OSError as err:
+                return self.fail((err.strerror or str(err)).lower())
+            if data == b"":
+                return self.fail("NATS closed the connection")
+            if data:
+                self.inbuf += data
+                if not self.take_in(clients):
+                    return
+        if self.state in ("greeting", "up") and self.outbuf:
+            try:
+                del self.outbuf[:self.sock.send(self.outbuf)]
+            except BlockingIOError:
+                pass
+            except OSError as err:
+                return self.fail((err.strerror or str(err)).lower())
+        if self.state in ("connecting", "greeting") and now - self.since > NATS_TIMEOUT:
+            return self.fail(f"no answer in {NATS_TIMEOUT:g} s")
+        if self.state == "up":
+            self.check_health(now)
+
+    def take_in(self, clients):
+        """Act on every complete line NATS sent; a MSG's payload goes to our clients.
+        False if the link had to be dropped."""
+        while True:
+            end = self.inbuf.find(b"\r\n")
+            if end < 0:
+                if len(self.inbuf) > RECV_SIZE:  # no protocol line is that long
+                    return self.fail("NATS sent a line too long")
+                return True
+            words = bytes(self.inbuf[:end]).split()
+            op = words[0].upper() if words else b""
+            if op == b"MSG":  # MSG room 1 N, then N bytes and \r\n
+                try:
+                    size = int(words[-1])
+                except ValueError:
+                    return self.fail("NATS sent a bad MSG line")
+                if len(self.inbuf) < end + 2 + size + 2:
+                    return True  # the rest of the payload is still on its way
+                payload = bytes(self.inbuf[end + 2:end + 2 + size])
+                del self.inbuf[:end + 2 + size + 2]
+                broadcast(payload, clients, sender=self)
+                continue
+            line = bytes(self.inbuf[:end]).decode("utf-8", errors="replace")
+            del self.inbuf[:end + 2]
+            if op == b"PING":
+                self.outbuf += b"PONG\r\n"
+            elif op == b"PONG":
+                self.pings = 0
+                if self.state == "greeting":
+                    self.link_up()
+            elif op == b"INFO":
+                self.read_info(line[4:])
+            elif op == b"-ERR":
+                log(f"NATS at {self.where} says: {line[5:]}")
+                if self.state == "greeting":
+                    return self.fail(line[5:].strip(" '").lower())
+
+    def read_info(self, text):
+        """NATS's INFO: its limits. The first one is our cue to say who we are."""
+        try:
+            self.max_payload = int(json.loads(text).get("max_payload", self.max_payload))
+        except (ValueError, AttributeError):
+            pass
+        if self.state == "greeting" and not self.outbuf:
+            options = {"verbose": False, "pedantic": False, "echo": False, "protocol": 1,
+                       "name": f"chat_server.py {self.server_name}"}
+            self.outbuf += (f"CONNECT {json.dumps(options)}\r\nSUB {NATS_SUBJECT} 1\r\n"
+                            "PING\r\n").encode()
+
+    def link_up(self):
+        self.state, self.since, self.retry_in = "up", time.monotonic(), RETRY_MIN
+        self.next_ping = self.since + PING_EVERY
+        if self.lost_at is not None:
+            log(f"NATS link to {self.where} is back after {self.since - self.lost_at:.1f} s")
+            self.lost_at = None
+
+    def publish(self, data):
+        """Queue data (whole lines) for the other servers, in messages NATS takes: a batch
+        over its max_payload is split at line boundaries. While the link is down, nothing."""
+        if self.state != "up":
+            return
+        start = 0
+        while start < len(data):
+            end = start + self.max_payload
+            if end < len(data):
+                end = data.rfind(b"\n", start, end) + 1
+                if end <= start:  # one line longer than NATS takes: it cannot cross
+                    log(f"a line of more than {self.max_payload} bytes did not cross (NATS's max_payload)")
+                    start = data.find(b"\n", start) + 1 or len(data)
+                    continue
+            chunk = data[start:end]
+            self.outbuf += b"PUB %s %d\r\n%s\r\n" % (NATS_SUBJECT.encode(), len(chunk), chunk)
+            start = end
+
+    def behind(self):
+        return self.state == "up" and len(self.outbuf) > BEHIND
+
+    def check_health(self, now):
+        """Drop a link that holds the room back too long, or that stopped answering."""
+        if self.behind():
+            self.behind_since = self.behind_since or now
+            if now - self.behind_since > STALL_LIMIT:
+                return self.fail(f"NATS took nothing for {STALL_LIMIT:g} s")
+        else:
+            self.behind_since = None
+        if now >= self.next_ping:
+            if self.pings >= 2:
+                return self.fail(f"no answer to PING in {2 * PING_EVERY:g} s")
+            self.outbuf += b"PING\r\n"
+            self.pings += 1
+            self.next_ping = now + PING_EVERY
+
+    def fail(self, why):
+        """Drop the connection; the next try comes after a wait that doubles each time."""
+        now = time.monotonic()
+        if self.state == "up":
+            log(f"NATS link to {self.where} lost: {why}; lines do not cross until it is back")
+            self.lost_at, self.retry_in = now, RETRY_MIN
+        else:  # a try that failed: wait longer before the next
+            self.retry_in = min(self.retry_in * 2, RETRY_MAX)
+        self.sock.close()
+        self.sock, self.state, self.since, self.why = None, "down", now, why
+        self.inbuf.clear()
+        self.outbuf.clear()
+        self.pings, self.behind_since = 0, None
+        return False
 
 
 def select_can_watch(sock, clients):
@@ -329,6 +558,28 @@ def open_listener(host, port):
     return listener
 
 
+def link_to_nats(host, port, listener):
+    """Step 5: make the NATS link, or say on stderr why there is none."""
+    global link
+    name = f"{socket.gethostname()}:{listener.getsockname()[1]}"
+    where = format_addr((host, port))
+    try:
+        link = NatsLink(host, port, name)
+        link.connect_now()
+    except socket.gaierror as err:
+        print(f"error: cannot resolve NATS host {host!r}: {err.strerror}", file=sys.stderr)
+    except ConnectionRefusedError:
+        print(f"error: cannot link to NATS at {where}: connection refused "
+              "(is nats-server running?)", file=sys.stderr)
+    except OSError as err:
+        print(f"error: cannot link to NATS at {where}: {(err.strerror or str(err)).lower()}",
+              file=sys.stderr)
+    else:
+        return True
+    link = None
+    return False
+
+
 def main(argv=None):
     global drain_timeout
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -343,6 +594,9 @@ def main(argv=None):
     parser.add_argument("--drain-timeout", type=float, default=drain_timeout, metavar="SECONDS",
                         help="close a client that has left once it has taken none of its "
                              "pending output for this long (default: %(default)s)")
+    parser.add_argument("--nats", metavar="HOST:PORT",
+                        help="share the room with every server linked to this NATS server "
+                             "(step 5; default: no link)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
@@ -350,6 +604,11 @@ def main(argv=None):
         parser.error("--max-clients must be at least 1")
     if args.drain_timeout <= 0:
         parser.error("--drain-timeout must be more than 0")
+    if args.nats:
+        nats_host, _, nats_port = args.nats.rpartition(":")
+        nats_host = nats_host.strip("[]")  # [::1]:4222
+        if not nats_host or not nats_port.isdigit() or not 0 < int(nats_port) <= 65535:
+            parser.error("--nats must be HOST:PORT, such as localhost:4222")
 
     drain_timeout = args.drain_timeout
     # A closed stdin, stdout or stderr gets /dev/null in its place. Otherwise the next
@@ -371,6 +630,9 @@ def main(argv=None):
         print(f"error: cannot listen on {format_addr((args.host, args.port))}: {why}",
               file=sys.stderr)
         return 1
+    if args.nats and not link_to_nats(nats_host, int(nats_port), listener):
+        listener.close()
+        return 1
 
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
     # (the terminal went away) do the same. A signal that lands just before select() starts
@@ -387,6 +649,8 @@ def main(argv=None):
             pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
+        if link:
+            log(f"linked to NATS at {link.where}, as {link.server_name}")
         serve(listener, args.max_clients)
     except KeyboardInterrupt:
         log("shutting down")  # the system closes every client's socket as we exit
