@@ -149,6 +149,9 @@ class Proc:
         with open(self.err, "rb") as err:
             return err.read().decode("utf-8", errors="replace")
 
+    def wait_for_log(self, text):
+        wait_until(lambda: text in self.stderr(), f"{text!r} in the log")
+
     def type(self, text):
         os.write(self.in_fd, text.encode("utf-8") if isinstance(text, str) else text)
 
@@ -215,8 +218,6 @@ class Server(Proc):
         test.assertTrue(match, f"unexpected first line: {self.output!r}")
         self.host, self.port = match.group(2), int(match.group(3))
 
-    def wait_for_log(self, text):
-        wait_until(lambda: text in self.stderr(), f"{text!r} in the server's log")
 
 
 class Peer:
@@ -1670,6 +1671,238 @@ class LoadTestTest(unittest.TestCase):
         # misses sender 1's line.
         self.assertEqual(ledger.counts, {"delivered": 7, "lost": 7, "duplicated": 1, "reordered": 1,
                                          "sent back": 1, "garbled": 1})
+
+
+# ---------------------------------------------------------------------------------------
+# Step 5: chat servers linked through NATS. Against a real nats-server where one is
+# installed (Debian's package: .ci/run installs it), and against a small fake one here.
+# ---------------------------------------------------------------------------------------
+
+NATS_SERVER = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
+HOSTNAME = socket.gethostname()
+
+
+def start_nats(test, port=None):
+    """A real nats-server on 127.0.0.1 (on port, or a free one); returns (Popen, port)
+    once it takes connections."""
+    port = port or free_port()
+    nats = subprocess.Popen([NATS_SERVER, "-a", "127.0.0.1", "-p", str(port)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    test.addCleanup(lambda: (nats.poll() is None and nats.kill(), nats.wait()))
+
+    def takes_connections():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+            return True
+        except ConnectionRefusedError:
+            return False
+    wait_until(takes_connections, f"nats-server on port {port}")
+    return nats, port
+
+
+def stop_nats(nats):
+    nats.kill()
+    nats.wait()
+
+
+class FakeNats:
+    """Just enough of a NATS server to test the link: it greets with INFO, takes the
+    CONNECT, SUB and PING, and answers PONG. Then the test plays NATS by hand."""
+
+    def __init__(self, test, max_payload=1024 * 1024):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        test.addCleanup(self.listener.close)
+        self.listener.settimeout(WAIT)
+        self.port = self.listener.getsockname()[1]
+        self.max_payload = max_payload
+        self.test = test
+
+    def greet(self):
+        """Accept the next link; returns (connection, what it sent before our PONG)."""
+        conn, _ = self.listener.accept()
+        self.test.addCleanup(conn.close)
+        conn.settimeout(WAIT)
+        conn.sendall(b'INFO {"server_id":"fake","proto":1,"max_payload":%d}\r\n' % self.max_payload)
+        said = bytearray()
+        while not said.endswith(b"PING\r\n"):
+            data = conn.recv(65536)
+            if not data:
+                raise AssertionError(f"the link closed during its greeting: {bytes(said)!r}")
+            said += data
+        conn.sendall(b"PONG\r\n")
+        return conn, bytes(said)
+
+    def linked_server(self):
+        """A chat server linked to us: it greets us before it tells its port."""
+        server = Proc(self.test, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{self.port}")
+        conn, said = self.greet()
+        server.expect("\n")
+        server.port = int(LISTENING.fullmatch(server.output.split("\n")[0]).group(3))
+        return server, conn, said
+
+
+def read_until(conn, ending, limit=1 << 20):
+    """Bytes from conn until they end with ending."""
+    data = bytearray()
+    while not data.endswith(ending):
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise AssertionError(f"closed; got {bytes(data[-200:])!r}")
+        data += chunk
+        if len(data) > limit:
+            raise AssertionError(f"no {ending!r} in {limit} bytes")
+    return bytes(data)
+
+
+class NatsLinkTest(unittest.TestCase):
+    """chat_server.py --nats: several servers, one room."""
+
+    def linked_room(self, nats_port):
+        """Two linked servers: Ann on A; Bob and Cy on B. Returns (A, B, ann, bob, cy),
+        once each has seen the others join."""
+        a = Server(self, "chat_server.py", "--nats", f"127.0.0.1:{nats_port}")
+        b = Server(self, "chat_server.py", "--nats", f"127.0.0.1:{nats_port}")
+        ann = Peer(self, a.port)
+        self.assertEqual(ann.line(), WELCOME)
+        bob = Peer(self, b.port)
+        self.assertEqual(bob.line(), WELCOME)
+        self.assertEqual(ann.line(), f"* a user joined (1 online on {HOSTNAME}:{b.port})".encode())
+        # Ann's join went out before Bob came: it may reach him or not, as he arrived
+        # while it was on its way. Her next line comes after it, whichever.
+        ann.send(b"Ann: hello\n")
+        first = bob.line()
+        if first == f"* a user joined (1 online on {HOSTNAME}:{a.port})".encode():
+            first = bob.line()
+        self.assertEqual(first, b"Ann: hello")
+        cy = Peer(self, b.port)
+        self.assertEqual(cy.line(), WELCOME)
+        for peer in (ann, bob):
+            self.assertEqual(peer.line(), f"* a user joined (2 online on {HOSTNAME}:{b.port})".encode())
+        return a, b, ann, bob, cy
+
+    @unittest.skipUnless(NATS_SERVER, "needs nats-server (Debian: apt install nats-server)")
+    def test_two_linked_servers_cross_each_line_once_in_order_and_never_back(self):
+        _, port = start_nats(self)
+        a, b, ann, bob, cy = self.linked_room(port)
+        lines = b"".join(b"Ann: line %d\n" % k for k in range(300))
+        ann.send(lines)
+        for peer in (bob, cy):
+            received = b"".join(peer.line() + b"\n" for _ in range(300))
+            self.assertEqual(received, lines)  # all, once each, in order
+        bob.send(b"Bob: done\n")
+        self.assertEqual(ann.line(), b"Bob: done")  # not one of her own lines first
+        self.assertEqual(cy.line(), b"Bob: done")
+        cy.send(b"Cy: end\n")
+        self.assertEqual(bob.line(), b"Cy: end")  # not "Bob: done" a second time
+        self.assertEqual(ann.line(), b"Cy: end")
+        cy.sock.close()
+        for peer in (ann, bob):
+            self.assertEqual(peer.line(), f"* a user left (1 online on {HOSTNAME}:{b.port})".encode())
+
+    @unittest.skipUnless(NATS_SERVER, "needs nats-server (Debian: apt install nats-server)")
+    def test_when_nats_dies_each_server_keeps_its_own_room(self):
+        nats, port = start_nats(self)
+        a, b, ann, bob, cy = self.linked_room(port)
+        stop_nats(nats)
+        for server in (a, b):
+            server.wait_for_log(f"NATS link to 127.0.0.1:{port} lost")
+        bob.send(b"Bob: still here\n")
+        self.assertEqual(cy.line(), b"Bob: still here")
+        dee = Peer(self, a.port)  # a newcomer on A is welcomed as ever
+        self.assertEqual(dee.line(), WELCOME)
+        self.assertEqual(ann.line(), f"* a user joined (2 online on {HOSTNAME}:{a.port})".encode())
+        dee.send(b"Dee: hi Ann\n")
+        self.assertEqual(ann.line(), b"Dee: hi Ann")  # and not Bob's line: it could not cross
+
+    @unittest.skipUnless(NATS_SERVER, "needs nats-server (Debian: apt install nats-server)")
+    def test_when_nats_comes_back_lines_cross_again_and_none_sent_meanwhile(self):
+        nats, port = start_nats(self)
+        a, b, ann, bob, cy = self.linked_room(port)
+        stop_nats(nats)
+        for server in (a, b):
+            server.wait_for_log(f"NATS link to 127.0.0.1:{port} lost")
+        ann.send(b"Ann: while it is down\n")  # at most once: this one is lost
+        start_nats(self, port)
+        for server in (a, b):
+            server.wait_for_log(f"NATS link to 127.0.0.1:{port} is back")  # within WAIT
+        ann.send(b"Ann: it is back\n")
+        self.assertEqual(bob.line(), b"Ann: it is back")
+        self.assertEqual(cy.line(), b"Ann: it is back")
+
+    def test_unreachable_nats_at_start_is_a_one_line_error_and_status_1(self):
+        port = free_port()
+        server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{port}")
+        self.assertEqual(server.wait(), 1)
+        self.assertEqual(server.read_to_end(), "")
+        self.assertEqual(server.stderr(), f"error: cannot link to NATS at 127.0.0.1:{port}: "
+                                          "connection refused (is nats-server running?)\n")
+
+    def test_the_link_speaks_nats_answers_ping_logs_err_and_relays_msg(self):
+        fake = FakeNats(self)
+        server, conn, said = fake.linked_server()
+        self.assertRegex(said, rb'^CONNECT \{.*"echo": false.*\}\r\nSUB chatroom 1\r\nPING\r\n$')
+        conn.sendall(b"PING\r\n")
+        self.assertEqual(read_until(conn, b"PONG\r\n"), b"PONG\r\n")
+        ann = Peer(self, server.port)
+        self.assertEqual(ann.line(), WELCOME)
+        joined = f"* a user joined (1 online on {HOSTNAME}:{server.port})\n".encode()
+        self.assertEqual(read_until(conn, joined + b"\r\n"),
+                         b"PUB chatroom %d\r\n%s\r\n" % (len(joined), joined))
+        conn.sendall(b"MSG chatroom 1 15\r\nBob: hel")  # a payload may come in pieces
+        conn.sendall(b"lo Ann\n\r\n")
+        self.assertEqual(ann.line(), b"Bob: hello Ann")
+        conn.sendall(b"-ERR 'Unknown Protocol Operation'\r\n")
+        server.wait_for_log("NATS at 127.0.0.1:%d says: 'Unknown Protocol Operation'" % fake.port)
+        ann.send(b"Ann: still linked\n")
+        self.assertIn(b"PUB chatroom 18\r\nAnn: still linked\n\r\n", read_until(conn, b"linked\n\r\n"))
+
+    def test_a_batch_over_max_payload_crosses_in_pieces_cut_at_line_ends(self):
+        fake = FakeNats(self, max_payload=100)
+        server, conn, _ = fake.linked_server()
+        ann = Peer(self, server.port)
+        self.assertEqual(ann.line(), WELCOME)
+        lines = b"".join(b"Ann: line number %03d\n" % k for k in range(20))  # 20 x 21 bytes
+        ann.send(lines)
+        got = read_until(conn, b"Ann: line number 019\n\r\n")
+        got = got[got.index(b"PUB chatroom", 1):]  # after the notice of her join
+        payloads = re.findall(rb"PUB chatroom (\d+)\r\n", got)
+        pieces = re.split(rb"PUB chatroom \d+\r\n", got)[1:]
+        self.assertEqual(len(pieces), 5, got)  # 420 bytes: 4 lines (84 bytes) a message
+        for size, piece in zip(payloads, pieces):
+            self.assertLessEqual(int(size), 100)
+            self.assertTrue(piece.endswith(b"\n\r\n"), piece)  # each ends at a line end
+        self.assertEqual(b"".join(piece[:-2] for piece in pieces), lines)
+
+    @needs_linux_limits
+    def test_a_link_that_stops_reading_is_dropped_and_made_again_and_memory_stays_bounded(self):
+        fake = FakeNats(self)
+        server, conn, _ = fake.linked_server()  # conn: we never read it again
+        ann, bob = Peer(self, server.port), Peer(self, server.port)
+        for peer in (ann, bob):
+            self.assertEqual(peer.line(), WELCOME)
+        self.assertEqual(ann.line(), f"* a user joined (2 online on {HOSTNAME}:{server.port})".encode())
+        # Ann talks on and on: 40 MB, far past what the kernel buffers for the link. The
+        # room waits for the link; after STALL_LIMIT (2 s) the link is dropped, and the
+        # room goes on. Bob gets every line, and the server's memory stays small.
+        line = b"Ann: " + b"x" * 95 + b"\n"
+        chunk = line * 10000  # 1 MB
+        bob.sock.setblocking(False)
+        ann.sock.setblocking(False)
+        received, sent, view = 0, 0, memoryview(chunk * 40)
+        end = time.monotonic() + 6 * WAIT
+        while received < len(view):
+            self.assertLess(time.monotonic(), end, f"stalled: sent {sent}, Bob got {received}")
+            readable, writable, _ = select.select([bob.sock], [ann.sock] if sent < len(view) else [], [], WAIT)
+            if writable:
+                sent += ann.sock.send(view[sent:sent + 256 * 1024])
+            if readable:
+                received += len(bob.sock.recv(1 << 20))
+        self.assertEqual(received, len(view))
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost: NATS took nothing for 2 s")
+        fake.greet()  # it links again
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} is back")
+        self.assertLess(peak_rss_mb(server.pid), 60)
 
 
 # ---------------------------------------------------------------------------------------
