@@ -342,11 +342,12 @@ class NatsLink:
         self.behind_since = None
         self.lost_at = None             # when the link went down, while it is down
         self.why = ""                   # why it last went down
+        self.introduced = False         # whether we sent CONNECT on this connection
 
     def connect_now(self):
         """At start: link now, waiting, or raise OSError saying why."""
         sock = socket.create_connection(self.address[4][:2], timeout=NATS_TIMEOUT)
-        self.sock, self.state = sock, "greeting"
+        self.sock, self.state, self.introduced = sock, "greeting", False
         while self.state == "greeting":
             data = sock.recv(RECV_SIZE)
             if not data:
@@ -376,9 +377,9 @@ class NatsLink:
         family, kind, proto, _, addr = self.address
         self.sock = socket.socket(family, kind, proto)
         self.sock.setblocking(False)
-        self.state, self.since = "connecting", time.monotonic()
+        self.state, self.since, self.introduced = "connecting", time.monotonic(), False
         err = self.sock.connect_ex(addr)  # connect without waiting: select() tells us
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+        if err not in (0, errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", -1)):
             self.fail(os.strerror(err).lower())
 
     def turn(self, readable, writable, clients):
@@ -457,7 +458,8 @@ class NatsLink:
             self.max_payload = int(json.loads(text).get("max_payload", self.max_payload))
         except (ValueError, AttributeError):
             pass
-        if self.state == "greeting" and not self.outbuf:
+        if self.state == "greeting" and not self.introduced:
+            self.introduced = True
             options = {"verbose": False, "pedantic": False, "echo": False, "protocol": 1,
                        "name": f"chat_server.py {self.server_name}"}
             self.outbuf += (f"CONNECT {json.dumps(options)}\r\nSUB {NATS_SUBJECT} 1\r\n"
