@@ -1650,6 +1650,28 @@ class LoadTestTest(unittest.TestCase):
         self.assertEqual((rows["clients held"], rows["refused politely"], rows["one line reached"]),
                          ("8", "2", "7"), rows)
 
+    @unittest.skipUnless(shutil.which("nats-server") or os.path.exists("/usr/sbin/nats-server"),
+                         "needs nats-server (Debian: apt install nats-server)")
+    def test_its_cluster_of_linked_servers_holds_and_checks_every_line(self):
+        result = subprocess.run(
+            [sys.executable, LOADTEST, "--seconds", "0.1", "--clients", "6", "--senders", "2",
+             "--rate", "200", "--hold", "12", "--hold-extra", "2", "--only", "fanout,latency,hold",
+             "--chat", " ".join(shlex.quote(word) for word in
+                                (sys.executable, os.path.join(HERE, "chat_server.py"), "--port")) + " {port}",
+             "--cluster", "3"],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        def cluster(test):  # the rows of one test's table, the last column: the cluster's
+            section = result.stdout.split(f"\n{test}: ", 1)[1].split("\n\n", 1)[0]
+            return {cells[0]: cells[-1] for cells in
+                    (re.split(r"  +", line.strip()) for line in section.split("\n")[2:])}
+        self.assertGreater(float(cluster("fanout")["deliveries/s"].replace(",", "")), 0)
+        self.assertGreater(float(cluster("latency")["p50 ms, across servers"]), 0)
+        hold = cluster("hold")
+        self.assertEqual((hold["clients held"], hold["one line reached"]), ("14", "13"), hold)
+        for test in ("fanout", "latency", "hold"):
+            self.assertEqual(cluster(test)["errors"], "none", result.stdout)
+
     def test_it_counts_lost_duplicated_reordered_sent_back_and_garbled_lines(self):
         spec = importlib.util.spec_from_file_location("loadtest", LOADTEST)
         loadtest = importlib.util.module_from_spec(spec)

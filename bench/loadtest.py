@@ -12,6 +12,13 @@ Other servers are given as commands with {port} in them, a running one with --co
     python bench/loadtest.py --chat "ncat --broker -l -m 2000 127.0.0.1 {port}" --only fanout
     python bench/loadtest.py --connect 127.0.0.1:7007 --pid 4242 --only fanout,latency
 
+Step 5, several servers sharing one room through NATS: --cluster N adds a column for N
+chat_server.py linked through one nats-server (which must be installed), with the
+clients spread across them in turn. Its latency rows tell lines within one server from
+lines across servers. To hold 4,000 clients on 4 servers:
+
+    python bench/loadtest.py --cluster 4 --only hold --hold 4000
+
 The tests:
   fanout    100 clients, 10 of them sending flat out: lines received per second, across
             all clients ("deliveries"). Each sender has a window of lines in flight, so no
@@ -42,6 +49,7 @@ import re
 import select
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,9 +113,21 @@ class Server:
     """A server under test: started from a command (and stopped by its PID), or one
     already running at --connect. cpu() and peak_rss_mb() read /proc when we know the PID."""
 
+    servers = 1  # how many servers share the room (a Cluster has more)
+
     def __init__(self, cmd=None, addr=None, pid=None):
         self.cmd, self.popen, self.pid = cmd, None, pid
         self.host, self.port = addr if addr else ("127.0.0.1", free_port())
+        self.connections = 0  # made so far: see next_address()
+
+    def next_address(self):
+        """Where the next client connects."""
+        self.connections += 1
+        return self.host, self.port
+
+    def server_of(self, client):
+        """Which of the servers client number client was sent to."""
+        return 0
 
     def __enter__(self):
         if self.cmd:
@@ -137,14 +157,15 @@ class Server:
             while sock.recv(65536):
                 pass
 
-    def listening(self):
+    def listening(self, port=None):
         """Is the server listening yet? On Linux we look in /proc/net/tcp for a socket in
         state 0A (LISTEN) on our port, so no test connection takes a chat server's slot or
         sends a "user left" notice. Elsewhere we connect once and close."""
+        port = port or self.port
         tables = [t for t in ("/proc/net/tcp", "/proc/net/tcp6") if os.path.exists(t)]
         if not tables:
             try:
-                socket.create_connection((self.host, self.port), timeout=1).close()
+                socket.create_connection((self.host, port), timeout=1).close()
                 return True
             except OSError:
                 return False
@@ -152,7 +173,7 @@ class Server:
             with open(table) as f:
                 for row in f.read().splitlines()[1:]:
                     fields = row.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == self.port:
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                         return True
         return False
 
@@ -191,6 +212,7 @@ class Window:
     def __init__(self, server):
         self.server = server
         self.start, self.cpu0, self.own0 = now(), server.cpu(), time.process_time()
+        self.nats0 = server.nats_cpu() if server.servers > 1 else None
 
     def close(self, result):
         result["seconds"] = now() - self.start
@@ -198,14 +220,77 @@ class Window:
             cpu = self.server.cpu()
             if cpu is not None and self.cpu0 is not None:
                 result["server CPU %"] = 100 * (cpu - self.cpu0) / result["seconds"]
+            if self.nats0 is not None:
+                result["nats-server CPU %"] = 100 * (self.server.nats_cpu() - self.nats0) / result["seconds"]
             result["loadtest CPU %"] = 100 * (time.process_time() - self.own0) / result["seconds"]
         return result
+
+
+class Cluster(Server):
+    """Step 5: n chat_server.py linked through one nats-server. Clients go to the servers
+    in turn (client k to server k % n). CPU time and peak RSS are the chat servers' added
+    up; the nats-server's CPU time is reported on its own row."""
+
+    def __init__(self, n, nats):
+        super().__init__()
+        self.servers, self.nats = n, nats
+        self.ports = [self.port] + [free_port() for _ in range(n - 1)]
+        self.nats_port = free_port()
+        self.members = []
+        self.nats_popen = None
+
+    def __enter__(self):
+        try:
+            self.nats_popen = subprocess.Popen([self.nats, "-a", "127.0.0.1", "-p", str(self.nats_port)],
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)
+            end = now() + WAIT
+            while not self.listening(self.nats_port):
+                if now() > end or self.nats_popen.poll() is not None:
+                    raise RuntimeError(f"nats-server did not start on port {self.nats_port}")
+                time.sleep(0.02)
+            for port in self.ports:
+                member = Server(f"{DEFAULT_CHAT[0]} --nats 127.0.0.1:{self.nats_port}", ("127.0.0.1", port))
+                self.members.append(member.__enter__())
+        except BaseException:
+            self.__exit__()
+            raise
+        self.start_rss_mb = self.peak_rss_mb()
+        return self
+
+    def __exit__(self, *exc):
+        for member in self.members:
+            member.__exit__()
+        if self.nats_popen:
+            self.nats_popen.terminate()
+            self.nats_popen.wait()
+
+    def next_address(self):
+        self.connections += 1
+        return self.host, self.ports[(self.connections - 1) % self.servers]
+
+    def server_of(self, client):
+        return client % self.servers
+
+    def alive(self):
+        return all(member.alive() for member in self.members) and self.nats_popen.poll() is None
+
+    def cpu(self):
+        times = [member.cpu() for member in self.members]
+        return None if None in times else sum(times)
+
+    def nats_cpu(self):
+        return Server(pid=self.nats_popen.pid).cpu()
+
+    def peak_rss_mb(self):
+        sizes = [member.peak_rss_mb() for member in self.members]
+        return None if None in sizes or not sizes else sum(sizes)
 
 
 def connect(server, n, nodelay=False):
     socks = []
     for _ in range(n):
-        sock = socket.create_connection((server.host, server.port), timeout=WAIT)
+        sock = socket.create_connection(server.next_address(), timeout=WAIT)
         if nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
@@ -462,22 +547,25 @@ def test_latency(server, clients=100, rate=1000, seconds=3.0):
                     chunks.append((key.data, time.monotonic_ns(), chunk))
                     arrived += chunk.count(b"\nT") + chunk.startswith(b"T")  # data lines
         result = measure.close({})
-        ledger, samples = Ledger(clients, clients), []
+        ledger, samples, across = Ledger(clients, clients), [], []
         for r, when, chunk in chunks:
             for line in chunk.split(b"\n")[:-1]:
                 if LATENCY_LINE.fullmatch(line):
                     s = int(line[1:5])
                     ledger.one_line(s, r, int(line[6:15]))
                     if s != r:
-                        samples.append(when - int(line[16:]))
+                        same = server.server_of(s) == server.server_of(r)
+                        (samples if same else across).append(when - int(line[16:]))
                 elif not line.startswith((b"* ", b"Welcome", b"#")):
                     ledger.counts["garbled"] += 1
         ledger.count_lost([sent // clients + (s < sent % clients) for s in range(clients)])
-        samples.sort()
-        if samples:
-            for name, q in (("p50 ms", 0.50), ("p99 ms", 0.99)):
-                result[name] = samples[min(len(samples) - 1, int(q * len(samples)))] / 1e6
-            result["max ms"] = samples[-1] / 1e6
+        # With several servers: the lines within one server, then those across servers.
+        for group, suffix in ((samples, ""), (across, ", across servers")):
+            group.sort()
+            if group:
+                for name, q in (("p50 ms", 0.50), ("p99 ms", 0.99)):
+                    result[name + suffix] = group[min(len(group) - 1, int(q * len(group)))] / 1e6
+                result["max ms" + suffix] = group[-1] / 1e6
         result["lines sent"] = sent
         result["deliveries"] = ledger.counts["delivered"]
         result["errors"] = ledger.errors(closed)
@@ -774,6 +862,9 @@ def main(argv=None):
     parser.add_argument("--idle", type=int, default=0,
                         help="in rtt1 and rtt50: connections that stay open and silent meanwhile "
                              "(default: 0)")
+    parser.add_argument("--cluster", type=int, default=0, metavar="N",
+                        help="in the chat tests, add N chat_server.py linked through one "
+                             "nats-server (step 5), after the other chat servers (default: none)")
     args = parser.parse_args(argv)
     tests = [t for t in args.only.split(",") if t]
     unknown = set(tests) - set(CHAT_TESTS + ECHO_TESTS)
@@ -792,6 +883,13 @@ def main(argv=None):
         targets = {"chat": [None], "echo": [None]}
     else:
         targets = {"chat": args.chat or DEFAULT_CHAT, "echo": args.echo or DEFAULT_ECHO}
+    nats = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
+    if args.cluster:
+        if args.cluster < 2 or args.connect:
+            parser.error("--cluster takes 2 or more servers, and not --connect")
+        if not nats:
+            parser.error("--cluster needs nats-server (Debian: apt install nats-server)")
+        targets["chat"] = targets["chat"] + [None]  # None: the cluster
 
     print(f"loadtest on {machine()}")
     failed = False
@@ -799,10 +897,14 @@ def main(argv=None):
         runs = {}  # server name -> one result per round
         for _ in range(args.repeat):
             for cmd in targets["chat" if test in CHAT_TESTS else "echo"]:
-                name = label(cmd) if cmd else args.connect
+                name = label(cmd) if cmd else args.connect or f"{args.cluster} linked by NATS"
                 try:
-                    server = (Server(addr=(host.strip("[]"), int(port)), pid=args.pid)
-                              if args.connect else Server(cmd))
+                    if args.connect:
+                        server = Server(addr=(host.strip("[]"), int(port)), pid=args.pid)
+                    elif cmd is None:
+                        server = Cluster(args.cluster, nats)
+                    else:
+                        server = Server(cmd)
                     with server:
                         result = run_one(test, server, args)
                 except (OSError, RuntimeError) as err:
