@@ -8,6 +8,7 @@ This is echo_server.py grown by two ideas. Framing: TCP delivers a byte stream, 
 cut it into lines ourselves. Fan-out: a line is queued for every other client instead of
 sent back. Lines that start with "* " are the server's notices; what clients send goes
 out as it came, never decoded. Left out: names (each client writes its own), rooms, TLS.
+Step 5, --nats HOST:PORT, shares the room with other servers through a NATS server.
 What a real server needs besides the lesson comes after the line "The fine print".
 """
 import argparse
