@@ -313,11 +313,11 @@ class NatsLink:
     to the same NATS server, over one TCP connection that the same select() loop serves.
 
     NATS speaks lines of text. It greets us with INFO {...}; we answer CONNECT {...} (with
-    "echo": false, NATS never hands us back our own lines), SUB room 1 and PING, and the
-    PONG says we are in. broadcast() hands publish() every batch of lines and notices from
-    our clients: PUB room N, then the N bytes. What the other servers publish comes to us
-    as MSG room 1 N and the N bytes, and goes to our clients, whom broadcast() does not
-    send back to NATS: the link is their sender. NATS sends PING now and then; we answer
+    "echo": false, NATS never hands us back our own lines), SUB chatroom 1 and PING, and
+    its PONG says we are in. broadcast() hands publish() every batch of lines and notices
+    from our clients: PUB chatroom N, then the N bytes. What the other servers publish
+    comes to us as MSG chatroom 1 N and the N bytes, and goes to our clients, and not back
+    to NATS: for broadcast(), the link is its sender. NATS sends PING now and then; we answer
     PONG, and we PING it too, to notice a NATS that stopped answering.
 
     Faults. If the link drops, we log it, keep serving our own clients, and try again
@@ -431,6 +431,8 @@ class NatsLink:
                 try:
                     size = int(words[-1])
                 except ValueError:
+                    size = -1
+                if not 0 <= size <= self.max_payload:  # so inbuf stays bounded
                     return self.fail("NATS sent a bad MSG line")
                 if len(self.inbuf) < end + 2 + size + 2:
                     return True  # the rest of the payload is still on its way
@@ -456,7 +458,7 @@ class NatsLink:
     def read_info(self, text):
         """NATS's INFO: its limits. The first one is our cue to say who we are."""
         try:
-            self.max_payload = int(json.loads(text).get("max_payload", self.max_payload))
+            self.max_payload = max(1, int(json.loads(text).get("max_payload", self.max_payload)))
         except (ValueError, AttributeError):
             pass
         if self.state == "greeting" and not self.introduced:
@@ -499,7 +501,7 @@ class NatsLink:
         if self.behind():
             self.behind_since = self.behind_since or now
             if now - self.behind_since > STALL_LIMIT:
-                return self.fail(f"NATS took nothing for {STALL_LIMIT:g} s")
+                return self.fail(f"it held the room back for {STALL_LIMIT:g} s")
         else:
             self.behind_since = None
         if now >= self.next_ping:

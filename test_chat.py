@@ -1900,6 +1900,21 @@ class NatsLinkTest(unittest.TestCase):
             self.assertTrue(piece.endswith(b"\n\r\n"), piece)  # each ends at a line end
         self.assertEqual(b"".join(piece[:-2] for piece in pieces), lines)
 
+    def test_a_message_bigger_than_nats_allows_drops_the_link_not_the_server(self):
+        fake = FakeNats(self, max_payload=1000)
+        server, conn, _ = fake.linked_server()
+        ann, bob = Peer(self, server.port), Peer(self, server.port)
+        self.assertEqual((ann.line(), ann.line()), (WELCOME, b"* a user joined (2 online on %s:%d)"
+                                                    % (HOSTNAME.encode(), server.port)))
+        conn.sendall(b"MSG chatroom 1 999999999\r\n")  # we would wait for 1 GB: no
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost: NATS sent a bad MSG line")
+        again, _ = fake.greet()  # it links again
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} is back")
+        ann.send(b"Ann: the room is fine\n")
+        self.assertEqual(bob.line(), WELCOME)
+        self.assertEqual(bob.line(), b"Ann: the room is fine")
+        read_until(again, b"PUB chatroom 22\r\nAnn: the room is fine\n\r\n")
+
     @needs_linux_limits
     def test_a_link_that_stops_reading_is_dropped_and_made_again_and_memory_stays_bounded(self):
         fake = FakeNats(self)
@@ -1925,7 +1940,7 @@ class NatsLinkTest(unittest.TestCase):
             if readable:
                 received += len(bob.sock.recv(1 << 20))
         self.assertEqual(received, len(view))
-        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost: NATS took nothing for 2 s")
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost: it held the room back for 2 s")
         fake.greet()  # it links again
         server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} is back")
         self.assertLess(peak_rss_mb(server.pid), 60)
