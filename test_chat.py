@@ -1194,6 +1194,19 @@ class ChatClientTest(unittest.TestCase):
         port = (server or self.server).port
         return Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(port), *args, tty=tty)
 
+    def client_of_a_test_server(self):
+        """A client (from a pipe, named ci) connected to a server this test plays itself:
+        (the client, the server's side of the connection)."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(WAIT)
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
+                      "--port", str(listener.getsockname()[1]), "--name", "ci")
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(WAIT)
+        return client, conn
+
     def joined(self, client):
         client.expect("Welcome to the chatroom!\n")
         self.assertEqual(self.other.line(), b"* a user joined (2 online)")
@@ -1241,14 +1254,7 @@ class ChatClientTest(unittest.TestCase):
     def test_from_a_pipe_a_refusal_seen_before_the_input_ends_still_gives_status_1(self):
         # The order that once raced: the refusal is shown while we still read stdin, and
         # the server closes only after our input ends (here it waits for our half-close).
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        listener.settimeout(WAIT)
-        client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
-                      "--port", str(listener.getsockname()[1]), "--name", "ci")
-        conn, _ = listener.accept()
-        self.addCleanup(conn.close)
-        conn.settimeout(WAIT)
+        client, conn = self.client_of_a_test_server()
         conn.sendall(b"error: server full, try again later\n")
         client.expect("error: server full, try again later\n")
         client.close_stdin()
@@ -1265,16 +1271,9 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.read_to_end(), "John: Hi\nJohn: Hi\n")
 
     def test_from_a_pipe_the_wait_for_a_server_that_never_closes_is_bounded(self):
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        listener.settimeout(WAIT)
-        client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
-                      "--port", str(listener.getsockname()[1]), "--name", "ci")
-        conn, _ = listener.accept()  # it takes the line, and never closes
-        self.addCleanup(conn.close)
+        client, conn = self.client_of_a_test_server()  # it takes the line, and never closes
         client.type("x\n")
         client.close_stdin()
-        conn.settimeout(WAIT)
         self.assertEqual(conn.recv(100), b"ci: x\n")
         start = time.monotonic()
         self.assertEqual(client.wait(), 0)
