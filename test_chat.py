@@ -1847,7 +1847,10 @@ class NatsLinkTest(unittest.TestCase):
         stop_nats(nats)
         for server in (a, b):
             server.wait_for_log(f"NATS link to 127.0.0.1:{port} lost")
+        dee = Peer(self, a.port)
+        self.assertEqual(dee.line(), WELCOME)
         ann.send(b"Ann: while it is down\n")  # at most once: this one is lost
+        self.assertEqual(dee.line(), b"Ann: while it is down")  # A has dealt with it
         start_nats(self, port)
         for server in (a, b):
             server.wait_for_log(f"NATS link to 127.0.0.1:{port} is back")  # within WAIT
