@@ -109,6 +109,16 @@ def label(cmd):
     return os.path.basename(scripts[0] if scripts else words[0])
 
 
+def cpu_seconds(pid):
+    """CPU time a process has used so far, from /proc; None if we cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, TypeError):
+        return None
+
+
 class Server:
     """A server under test: started from a command (and stopped by its PID), or one
     already running at --connect. cpu() and peak_rss_mb() read /proc when we know the PID."""
@@ -191,12 +201,7 @@ class Server:
         return self.popen is None or self.popen.poll() is None
 
     def cpu(self):
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, TypeError):
-            return None
+        return cpu_seconds(self.pid)
 
     def peak_rss_mb(self):
         try:
@@ -280,7 +285,7 @@ class Cluster(Server):
         return None if None in times else sum(times)
 
     def nats_cpu(self):
-        return Server(pid=self.nats_popen.pid).cpu()
+        return cpu_seconds(self.nats_popen.pid)
 
     def peak_rss_mb(self):
         sizes = [member.peak_rss_mb() for member in self.members]
