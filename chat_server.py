@@ -386,11 +386,14 @@ class NatsLink:
     def turn(self, readable, writable, clients):
         """One turn of the loop for the link: connect, read, write, and check its health."""
         now = time.monotonic()
-        if self.state == "connecting" and self.sock in writable:
+        if self.state == "connecting":
+            # Writable: connected, or failed. (Windows tells a failure in select()'s third
+            # list, which we do not use: so we ask each turn.)
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 return self.fail(os.strerror(err).lower())
-            self.state, self.since = "greeting", now
+            if self.sock in writable:
+                self.state, self.since = "greeting", now
         if self.state in ("greeting", "up") and self.sock in readable:
             try:
                 data = self.sock.recv(RECV_SIZE)

@@ -2141,6 +2141,22 @@ class WindowsTest(unittest.TestCase):
         peers[0].send(b"still here\n")
         self.assertEqual(peers[510].line(), b"still here")  # the last one seated
 
+    @unittest.skipUnless(NATS_SERVER, "needs nats-server (Debian: apt install nats-server)")
+    def test_chat_server_links_through_nats_and_links_again_after_it_restarts(self):
+        nats, port = start_nats(self)
+        windows = Server(self, "chat_server.py", "--nats", f"127.0.0.1:{port}", windows=True)
+        linux = Server(self, "chat_server.py", "--nats", f"127.0.0.1:{port}")
+        ann, bob = Peer(self, windows.port), Peer(self, linux.port)
+        self.assertEqual((ann.line(), bob.line()), (WELCOME, WELCOME))
+        self.assertEqual(ann.line(), f"* a user joined (1 online on {HOSTNAME}:{linux.port})".encode())
+        stop_nats(nats)
+        windows.expect(f"NATS link to 127.0.0.1:{port} lost")
+        start_nats(self, port)
+        windows.expect(f"NATS link to 127.0.0.1:{port} is back")
+        linux.wait_for_log(f"NATS link to 127.0.0.1:{port} is back")
+        bob.send(b"Bob: hello Windows\n")
+        self.assertEqual(ann.line(), b"Bob: hello Windows")
+
     def test_echo_client_from_a_pipe(self):
         server = Server(self, "echo_server.py")
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(server.port),
