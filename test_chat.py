@@ -1710,7 +1710,7 @@ def start_nats(test, port=None):
     nats = subprocess.Popen([NATS_SERVER, "-a", "127.0.0.1", "-p", str(port)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    test.addCleanup(lambda: (nats.poll() is None and nats.kill(), nats.wait()))
+    test.addCleanup(stop_nats, nats)
 
     def takes_connections():
         try:
@@ -1723,7 +1723,8 @@ def start_nats(test, port=None):
 
 
 def stop_nats(nats):
-    nats.kill()
+    if nats.poll() is None:
+        nats.kill()
     nats.wait()
 
 
