@@ -202,11 +202,6 @@ drain_timeout = 10.0        # seconds a client that has left may take nothing (-
 BEHIND = 64 * 1024          # unsent bytes past which a client holds the room back
 STALL_LIMIT = 2.0           # seconds a client may hold the room back before it is dropped
 SERVER_FULL = b"error: server full, try again later\n"
-link = None                 # the NatsLink with --nats (step 5), else None
-NATS_SUBJECT = "chatroom"   # where the linked servers publish their lines
-NATS_TIMEOUT = 5.0          # seconds to connect to NATS and hear its PONG
-RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again: see NatsLink
-PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
 
 
 def log(message):
@@ -306,6 +301,154 @@ def stuck(client):
     if client.behind_since is None:
         client.behind_since = time.monotonic()
     return time.monotonic() - client.behind_since > STALL_LIMIT
+
+
+def select_can_watch(sock, clients):
+    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
+    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
+    if os.name == "nt":
+        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
+    return sock.fileno() < FD_SETSIZE
+
+
+def default_max_clients():
+    """As many clients as select() can watch, and never more descriptors than we may open."""
+    limit = FD_SETSIZE
+    try:
+        import resource  # POSIX only: tells how many file descriptors we may open
+    except ImportError:
+        return limit - SPARE_FDS
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    return max(1, limit - SPARE_FDS)
+
+
+def open_listener(host, port):
+    """Create, bind and listen: the first three steps of every TCP server."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    if os.name == "posix":
+        # Bind again at once after a restart, while old connections linger in TIME_WAIT.
+        # (On Windows this option lets two servers share a port, so we leave it off there.)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(addr)  # on error, the caller reports it and exits
+    listener.listen(BACKLOG)
+    listener.setblocking(False)
+    return listener
+
+
+def main(argv=None):
+    global drain_timeout
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only; "
+                             "0.0.0.0 or :: opens the server to the network)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="TCP port (default: %(default)s; 0 picks a free port)")
+    parser.add_argument("--max-clients", type=int, default=default_max_clients(),
+                        help="connections served at once; more are refused "
+                             "(default: %(default)s here, the most select() can watch)")
+    parser.add_argument("--drain-timeout", type=float, default=drain_timeout, metavar="SECONDS",
+                        help="close a client that has left once it has taken none of its "
+                             "pending output for this long (default: %(default)s)")
+    parser.add_argument("--nats", metavar="HOST:PORT",
+                        help="share the room with every server linked to this NATS server "
+                             "(step 5; default: no link)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    if args.max_clients < 1:
+        parser.error("--max-clients must be at least 1")
+    if args.drain_timeout <= 0:
+        parser.error("--drain-timeout must be more than 0")
+    if args.nats:
+        nats_host, _, nats_port = args.nats.rpartition(":")
+        nats_host = nats_host.strip("[]")  # [::1]:4222
+        if not nats_host or not nats_port.isdigit() or not 0 < int(nats_port) <= 65535:
+            parser.error("--nats must be HOST:PORT, such as localhost:4222")
+
+    drain_timeout = args.drain_timeout
+    # A closed stdin, stdout or stderr gets /dev/null in its place. Otherwise the next
+    # socket we open would take its number, and log lines would go to a client.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+    try:
+        listener = open_listener(args.host, args.port)
+    except socket.gaierror as err:
+        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        why = (err.strerror or str(err)).lower()
+        if err.errno == errno.EADDRINUSE:  # in the same words on every system
+            why = "address already in use (is another server running?)"
+        print(f"error: cannot listen on {format_addr((args.host, args.port))}: {why}",
+              file=sys.stderr)
+        return 1
+    if args.nats and not link_to_nats(nats_host, int(nats_port), listener):
+        listener.close()
+        return 1
+
+    # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
+    # (the terminal went away) do the same. A signal that lands just before select() starts
+    # to wait is seen only when select() returns: one more reason for TICK.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):  # Windows has no SIGHUP
+            signal.signal(getattr(signal, name), signal.default_int_handler)
+    if hasattr(signal, "SIGXFSZ"):  # a log file at its size limit (ulimit -f) must not kill us:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead, see log()
+    try:
+        try:
+            print(f"chat server listening on {format_addr(listener.getsockname())}", flush=True)
+        except OSError:  # stdout is closed or nobody reads it: serve all the same
+            pass
+        seats = args.max_clients
+        log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
+        if link:
+            log(f"linked to NATS at {link.where}, as {link.server_name}")
+        serve(listener, args.max_clients)
+    except KeyboardInterrupt:
+        log("shutting down")  # the system closes every client's socket as we exit
+    finally:
+        listener.close()
+    return 0
+
+
+# Step 5: the link to NATS --------------------------------------------------------------
+# With --nats HOST:PORT, this server's room is shared with every server linked to the same
+# NATS server. The lesson reaches it through link.watch(), link.turn() and broadcast().
+
+link = None                 # the NatsLink with --nats, else None
+NATS_SUBJECT = "chatroom"   # where the linked servers publish their lines
+NATS_TIMEOUT = 5.0          # seconds to connect to NATS and hear its PONG
+RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again: see NatsLink
+PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
+
+
+def link_to_nats(host, port, listener):
+    """Step 5: make the NATS link, or say on stderr why there is none."""
+    global link
+    name = f"{socket.gethostname()}:{listener.getsockname()[1]}"
+    where = format_addr((host, port))
+    try:
+        link = NatsLink(host, port, name)
+        link.connect_now()
+    except socket.gaierror as err:
+        print(f"error: cannot resolve NATS host {host!r}: {err.strerror}", file=sys.stderr)
+    except ConnectionRefusedError:
+        print(f"error: cannot link to NATS at {where}: connection refused "
+              "(is nats-server running?)", file=sys.stderr)
+    except OSError as err:
+        print(f"error: cannot link to NATS at {where}: {(err.strerror or str(err)).lower()}",
+              file=sys.stderr)
+    else:
+        return True
+    link = None
+    return False
 
 
 class NatsLink:
@@ -489,7 +632,8 @@ class NatsLink:
             if end < len(data):
                 end = data.rfind(b"\n", start, end) + 1
                 if end <= start:  # one line longer than NATS takes: it cannot cross
-                    log(f"a line of more than {self.max_payload} bytes did not cross (NATS's max_payload)")
+                    log(f"a line longer than NATS's max_payload ({self.max_payload} bytes) "
+                        "did not cross")
                     start = data.find(b"\n", start) + 1 or len(data)
                     continue
             chunk = data[start:end]
@@ -528,143 +672,6 @@ class NatsLink:
         self.outbuf.clear()
         self.pings, self.behind_since = 0, None
         return False
-
-
-def select_can_watch(sock, clients):
-    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
-    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
-    if os.name == "nt":
-        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
-    return sock.fileno() < FD_SETSIZE
-
-
-def default_max_clients():
-    """As many clients as select() can watch, and never more descriptors than we may open."""
-    limit = FD_SETSIZE
-    try:
-        import resource  # POSIX only: tells how many file descriptors we may open
-    except ImportError:
-        return limit - SPARE_FDS
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY:
-        limit = min(limit, soft)
-    return max(1, limit - SPARE_FDS)
-
-
-def open_listener(host, port):
-    """Create, bind and listen: the first three steps of every TCP server."""
-    family, _, _, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    if os.name == "posix":
-        # Bind again at once after a restart, while old connections linger in TIME_WAIT.
-        # (On Windows this option lets two servers share a port, so we leave it off there.)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(addr)  # on error, the caller reports it and exits
-    listener.listen(BACKLOG)
-    listener.setblocking(False)
-    return listener
-
-
-def link_to_nats(host, port, listener):
-    """Step 5: make the NATS link, or say on stderr why there is none."""
-    global link
-    name = f"{socket.gethostname()}:{listener.getsockname()[1]}"
-    where = format_addr((host, port))
-    try:
-        link = NatsLink(host, port, name)
-        link.connect_now()
-    except socket.gaierror as err:
-        print(f"error: cannot resolve NATS host {host!r}: {err.strerror}", file=sys.stderr)
-    except ConnectionRefusedError:
-        print(f"error: cannot link to NATS at {where}: connection refused "
-              "(is nats-server running?)", file=sys.stderr)
-    except OSError as err:
-        print(f"error: cannot link to NATS at {where}: {(err.strerror or str(err)).lower()}",
-              file=sys.stderr)
-    else:
-        return True
-    link = None
-    return False
-
-
-def main(argv=None):
-    global drain_timeout
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s, this machine only; "
-                             "0.0.0.0 or :: opens the server to the network)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help="TCP port (default: %(default)s; 0 picks a free port)")
-    parser.add_argument("--max-clients", type=int, default=default_max_clients(),
-                        help="connections served at once; more are refused "
-                             "(default: %(default)s here, the most select() can watch)")
-    parser.add_argument("--drain-timeout", type=float, default=drain_timeout, metavar="SECONDS",
-                        help="close a client that has left once it has taken none of its "
-                             "pending output for this long (default: %(default)s)")
-    parser.add_argument("--nats", metavar="HOST:PORT",
-                        help="share the room with every server linked to this NATS server "
-                             "(step 5; default: no link)")
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error("--port must be from 0 to 65535")
-    if args.max_clients < 1:
-        parser.error("--max-clients must be at least 1")
-    if args.drain_timeout <= 0:
-        parser.error("--drain-timeout must be more than 0")
-    if args.nats:
-        nats_host, _, nats_port = args.nats.rpartition(":")
-        nats_host = nats_host.strip("[]")  # [::1]:4222
-        if not nats_host or not nats_port.isdigit() or not 0 < int(nats_port) <= 65535:
-            parser.error("--nats must be HOST:PORT, such as localhost:4222")
-
-    drain_timeout = args.drain_timeout
-    # A closed stdin, stdout or stderr gets /dev/null in its place. Otherwise the next
-    # socket we open would take its number, and log lines would go to a client.
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
-    try:
-        listener = open_listener(args.host, args.port)
-    except socket.gaierror as err:
-        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        why = (err.strerror or str(err)).lower()
-        if err.errno == errno.EADDRINUSE:  # in the same words on every system
-            why = "address already in use (is another server running?)"
-        print(f"error: cannot listen on {format_addr((args.host, args.port))}: {why}",
-              file=sys.stderr)
-        return 1
-    if args.nats and not link_to_nats(nats_host, int(nats_port), listener):
-        listener.close()
-        return 1
-
-    # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
-    # (the terminal went away) do the same. A signal that lands just before select() starts
-    # to wait is seen only when select() returns: one more reason for TICK.
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):  # Windows has no SIGHUP
-            signal.signal(getattr(signal, name), signal.default_int_handler)
-    if hasattr(signal, "SIGXFSZ"):  # a log file at its size limit (ulimit -f) must not kill us:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead, see log()
-    try:
-        try:
-            print(f"chat server listening on {format_addr(listener.getsockname())}", flush=True)
-        except OSError:  # stdout is closed or nobody reads it: serve all the same
-            pass
-        seats = args.max_clients
-        log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
-        if link:
-            log(f"linked to NATS at {link.where}, as {link.server_name}")
-        serve(listener, args.max_clients)
-    except KeyboardInterrupt:
-        log("shutting down")  # the system closes every client's socket as we exit
-    finally:
-        listener.close()
-    return 0
 
 
 if __name__ == "__main__":
