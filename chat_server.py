@@ -1,19 +1,16 @@
 #!/usr/bin/env python3
 """Step 4: a chat server. Each line a client sends goes to every other client.
 
-Run it:      python chat_server.py             then: python chat_client.py, in two terminals
-Options:     python chat_server.py --help      (telnet or nc localhost 7007 work too)
+Run it:      python chat_server.py        then: python chat_client.py, in two terminals
 
 This is echo_server.py grown by two ideas. Framing: TCP delivers a byte stream, so we
 cut it into lines ourselves. Fan-out: a line is queued for every other client instead of
-sent back. Lines that start with "* " are the server's notices; what clients send goes
-out as it came, never decoded. Left out: names (each client writes its own), rooms, TLS.
-Step 5, --nats HOST:PORT, shares the room with other servers through a NATS server.
-What a real server needs besides the lesson comes after the line "The fine print".
+sent back. Lines that start with "* " are the server's notices. Left out: names (each
+client writes its own), rooms, and what comes after "The fine print". Step 5 (--nats,
+nats_link.py) shares the room with other servers.
 """
 import argparse
 import errno
-import json
 import os
 import select
 import signal
@@ -25,90 +22,134 @@ DEFAULT_PORT = 7007         # the challenge's port
 RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: bench/README.md)
 OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
-TICK = 0.5                  # select() returns at least this often, for the fine print's timers
+BEHIND = 64 * 1024          # a reader with more unsent than this holds the room back
+STALL_BUDGET = 2.0          # seconds of holding the room back that get a reader dropped ...
+REFILL = 0.2                # ... less 0.2 s for each second it does not (2 s in any 10 s) ...
+PAYBACK = 0.1 / BEHIND      # ... and 0.1 s for each 64 KiB it takes: a reader that reads pays
+BACKLOG = 1024              # connections the kernel may queue for us while we are busy
+TICK = 0.5                  # select() returns at least this often: see main()
 WELCOME = b"Welcome to the chatroom!\n"
 LINE_TOO_LONG = f"error: line too long (limit {LINE_LIMIT} bytes)\n".encode()
 
 
 class Client:
-    """Everything the server keeps for one connection."""
+    """Everything the server keeps for one connection (smallchat keeps a struct)."""
 
-    def __init__(self, sock, name):
+    def __init__(self, sock, addr):
         self.sock = sock
-        self.name = name            # "127.0.0.1:50312", for the log
+        self.addr = addr            # "127.0.0.1:50312", for the log
         self.inbuf = bytearray()    # the start of a line whose "\n" has not arrived yet
         self.outbuf = bytearray()   # bytes for this client that the kernel has not taken yet
         self.closing = False        # it has left: close once outbuf is sent
         self.last_sent = time.monotonic()  # when send() last took some of outbuf
-        self.behind_since = None    # since when it holds the room back: see stuck()
+        self.stalled = 0.0          # seconds of its stall budget spent: see drop_slow_readers()
 
 
-def serve(listener, max_clients):
+class Server:
+    """Everything the loop keeps, in one place: the listener, the command line's settings,
+    every open connection, and when accept() may be tried again after it failed."""
+
+    def __init__(self, listener, settings):
+        self.listener, self.settings, self.clients = listener, settings, {}
+        self.accept_paused_until = 0.0
+        self.waited_for = []        # the readers the room waits for this turn
+        self.turn_began = time.monotonic()
+        self.peers = []             # step 5: other servers' rooms joined to ours (nats_link.py)
+        self.where = ""             # step 5: " on host:7007", after the count of who is online
+
+
+def open_listener(host, port):
+    """The listening socket, made non-blocking like every socket the loop serves (step 1
+    says why: a blocking call waits for one client while the others wait for it)."""
+    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
+    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
+    if os.name != "nt":  # bind again at once after a restart, while old connections linger
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
+    listener.bind(addr)         # claim the address and port: fails if another server has it
+    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
+    listener.setblocking(False)
+    return listener
+
+
+def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
-    clients = {}                    # socket -> Client, for every open connection
+    clients = server.clients        # socket -> Client
     while True:
-        # Ask only for what we can act on. Watching a socket for writability while we
-        # have nothing to send would wake us at once, every turn: 100% CPU.
-        want_read = [listener] if accepting() else []
-        if not room_is_waiting(clients):  # flood control: see the fine print
+        # Ask only for what we can act on. The listener: not just after accept() failed for
+        # want of descriptors (we would spin). Clients: none while the room waits for a
+        # reader that is behind (flood control). Writability: only while we have something
+        # to send, or select() would wake us at once: 100% CPU.
+        want_read = [server.listener] if time.monotonic() >= server.accept_paused_until else []
+        if not room_is_waiting(server):
             want_read += [c.sock for c in clients.values() if not c.closing]
         want_write = [c.sock for c in clients.values() if c.outbuf]
-        if link:  # step 5 (--nats): the link to the other servers, one more socket
-            link.watch(want_read, want_write, clients)
+        for peer in server.peers:  # step 5: another server's room, over a socket of its own
+            peer.add_sockets(want_read, want_write, bool(server.waited_for))
 
         # The one place we wait. Writable means the kernel's send buffer has room, not that
         # data arrived. We don't use the third list (TCP urgent data).
         readable, writable, _ = select.select(want_read, want_write, [], TICK)
-
         for sock in readable:
-            if sock is listener:
-                accept_clients(listener, clients, max_clients)
+            if sock is server.listener:
+                accept_clients(server)
             elif sock in clients:  # skip a client dropped earlier in this pass
-                read_from(clients[sock], clients)
-        if link:
-            link.turn(readable, writable, clients)  # lines from the other servers, and to them
+                read_from(clients[sock], server)
+        for peer in server.peers:
+            peer.serve_ready(readable, writable)
         # One send() to every client with output, not only to those select() found writable,
         # so what was queued this turn leaves this turn (speed). A full socket just refuses.
         for client in list(clients.values()):
             if client.outbuf:
-                write_to(client, clients)
-        drop_slow_consumers(clients)
-        close_stalled_leavers(clients)
+                write_to(client, server)
+        drop_slow_readers(server)
 
 
-def accept_clients(listener, clients, max_clients):
+def room_is_waiting(server):
+    """Flood control. While a reader still in the room has more than BEHIND (64 KiB)
+    unsent, we read no one: TCP then slows every sender down to the pace of the slowest
+    reader. This is step 1's backpressure, for the whole room: one client sending as fast
+    as it can never gets readers who read at a normal pace dropped. drop_slow_readers()
+    makes sure that no reader holds the room back for long."""
+    server.waited_for = [c for c in server.clients.values()
+                         if len(c.outbuf) > BEHIND and not c.closing]
+    server.waited_for += [peer for peer in server.peers if peer.behind()]
+    server.turn_began = time.monotonic()
+    return bool(server.waited_for)
+
+
+def accept_clients(server):
     """A readable listener means connections are waiting: accept() will not block."""
-    for sock, addr in accept_waiting(listener):  # see the fine print: a few per turn
+    for sock, addr in accept_waiting(server):  # a few per turn: see the fine print
         sock.setblocking(False)
-        name = format_addr(addr)
-        if len(clients) >= max_clients or not select_can_watch(sock, clients):
-            refuse(sock, name, clients)
+        client = Client(sock, format_addr(addr))
+        if not seat_free(sock, server):  # --max-clients, and what select() can watch
+            refuse(client, server)
             continue
-        set_socket_options(sock)  # see the fine print: no Nagle delay, a bounded buffer
-        client = clients[sock] = Client(sock, name)
+        set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
+        server.clients[sock] = client
         client.outbuf += WELCOME
-        broadcast(f"* a user joined ({online(clients)})\n".encode(), clients, sender=client)
-        log(f"{name} connected ({online(clients)})")
+        broadcast(f"* a user joined ({online(server)})\n".encode(), server, sender=client)
+        log(f"{client.addr} connected ({online(server)})")
 
 
-def read_from(client, clients):
+def read_from(client, server):
     try:
         data = client.sock.recv(RECV_SIZE)
     except BlockingIOError:
         return  # select() said readable, but the data was gone; try again next turn
     except OSError as err:  # ECONNRESET and friends: the client vanished
-        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        drop_client(client, server, f"dropped: {describe(err)}")
         return
     if not data:  # b"": the client shut down its side. It leaves; we send what is left
-        relay_lines(client, b"\n", clients)  # a last line without its "\n" still counts
-        leave_room(client, clients, "disconnected")
+        relay_lines(client, b"\n", server)  # a last line without its "\n" still counts
+        leave_room(client, server, "disconnected")
         if not client.outbuf:
-            drop_client(client, clients, "disconnected")
+            drop_client(client, server, "disconnected")
         return
-    relay_lines(client, data, clients)
+    relay_lines(client, data, server)
 
 
-def relay_lines(client, data, clients):
+def relay_lines(client, data, server):
     """TCP is a byte stream: one recv() may hold half a line, or a hundred lines. We add
     data to inbuf, relay each complete line, and keep the unfinished rest in inbuf."""
     client.inbuf += data
@@ -123,85 +164,91 @@ def relay_lines(client, data, clients):
             break  # the lines before it still go; it and the rest do not
         if line:  # empty lines are ignored
             batch += line + b"\n"
-    broadcast(batch, clients, sender=client)
+    broadcast(batch, server, sender=client)
     if too_long:
         client.outbuf += LINE_TOO_LONG  # we say why, and close once that is sent
-        leave_room(client, clients, f"dropped: line longer than {LINE_LIMIT} bytes")
+        leave_room(client, server, f"dropped: line longer than {LINE_LIMIT} bytes")
 
 
-def broadcast(data, clients, sender=None):
+def broadcast(data, server, sender=None):
     """Queue data for everyone in the room but the sender; write_to() will send it."""
-    for client in clients.values():
+    for client in server.clients.values():
         # A client already past OUTBUF_LIMIT gets nothing more: it is dropped this turn.
         if client is not sender and not client.closing and len(client.outbuf) <= OUTBUF_LIMIT:
             client.outbuf += data
-    if link and sender is not link:  # step 5: the other servers' clients are in the room too
-        link.publish(data)
+    for peer in server.peers:  # step 5: the other servers' clients are in the room too
+        if peer is not sender:
+            peer.publish(data)
 
 
-def write_to(client, clients):
+def write_to(client, server):
     try:
         sent = client.sock.send(client.outbuf)
     except BlockingIOError:
         return
     except OSError as err:  # EPIPE, ECONNRESET: the client is gone
-        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        drop_client(client, server, f"dropped: {describe(err)}")
         return
     del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
     client.last_sent = time.monotonic()
+    client.stalled = max(0.0, client.stalled - sent * PAYBACK)  # a reader that reads pays
     if client.closing and not client.outbuf:
-        drop_client(client, clients, "disconnected")
+        drop_client(client, server, "disconnected")
 
 
-def drop_slow_consumers(clients):
-    """A client that does not read while others talk piles up output. Dropping it keeps
-    one stuck reader from stalling the room for long, or eating our memory."""
-    for client in list(clients.values()):
-        if len(client.outbuf) > OUTBUF_LIMIT or stuck(client):
-            drop_client(client, clients, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
+def drop_slow_readers(server):
+    """Slow readers. Each second the room waits for a reader costs it a second of its
+    stall budget; it earns it back by reading (0.1 s per 64 KiB taken) and by keeping up
+    (0.2 s a second). Past --stall-budget (2 s) it is dropped, however it spreads its
+    reads: one reader holds the room back 2 s in any 10 s at most. Past OUTBUF_LIMIT it is
+    dropped at once. A client that has left is closed after --drain-timeout (10 s) in
+    which it took nothing: otherwise it could keep its seat for ever."""
+    now, settings = time.monotonic(), server.settings
+    waited = now - server.turn_began
+    for client in list(server.clients.values()):
+        earned = -waited if client in server.waited_for else waited * REFILL
+        client.stalled = max(0.0, client.stalled - earned)
+        if client.stalled > settings.stall_budget or len(client.outbuf) > OUTBUF_LIMIT:
+            drop_client(client, server, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
+        elif client.closing and now - client.last_sent > settings.drain_timeout:
+            log(f"{client.addr} closed: took nothing for {settings.drain_timeout:g} s after leaving")
+            drop_client(client, server, "")
 
 
-def drop_client(client, clients, why):
+def drop_client(client, server, why):
     """Close the connection now and forget the client."""
-    del clients[client.sock]
+    del server.clients[client.sock]
     client.sock.close()
-    leave_room(client, clients, why)
+    leave_room(client, server, why)
 
 
-def leave_room(client, clients, why):
+def leave_room(client, server, why):
     """Tell everyone else, once, that client has left. Its socket closes later."""
     if not client.closing:
         client.closing = True
-        broadcast(f"* a user left ({online(clients)})\n".encode(), clients)
-        log(f"{client.name} {why} ({online(clients)})")
+        broadcast(f"* a user left ({online(server)})\n".encode(), server)
+        log(f"{client.addr} {why} ({online(server)})")
 
 
-def online(clients):  # "3 online" on this server; with --nats it says which: "on host:7007"
-    count = sum(not c.closing for c in clients.values())
-    return f"{count} online" + (f" on {link.server_name}" if link else "")
+def online(server):  # "3 online"; with step 5, which server's count it is: "on host:7007"
+    return f"{sum(not c.closing for c in server.clients.values())} online{server.where}"
 
 
 # The fine print ------------------------------------------------------------------------
 # What a real server needs besides the lesson: a log that never stops it, the limits of
-# select() and of the process's descriptors, surviving a failed accept(), bounds on what
-# a client that stops reading can cost (and on what a flood can do to the room),
-# and the command line. The lesson reaches each piece through one of the functions below.
+# select() and of the process's descriptors, surviving a failed accept(), a bound on what
+# the kernel holds for a client that stops reading, the command line, and loading step 5.
 
-BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 ACCEPT_BATCH = 16           # connections accepted per turn at most: see accept_waiting()
 ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
-FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
+FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see seat_free()
 SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
-accept_paused_until = 0.0   # set by accept_waiting(), read by accepting()
-log_lost = 0                # log lines that stderr could not take: see log()
 # The kernel's send buffer for each client. Left to itself, Linux grows it to 4 MB for a
 # client that does not read: that much of the host's memory for each such client. We
 # set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 64 * 1024
-drain_timeout = 10.0        # seconds a client that has left may take nothing (--drain-timeout)
-BEHIND = 64 * 1024          # unsent bytes past which a client holds the room back
-STALL_LIMIT = 2.0           # seconds a client may hold the room back before it is dropped
 SERVER_FULL = b"error: server full, try again later\n"
+log_lost = 0                # log lines that stderr could not take: see log()
 
 
 def log(message):
@@ -224,20 +271,61 @@ def log(message):
     log_lost += 1
 
 
+def describe(err):
+    """An OSError in a few lower-case words: "connection reset by peer"."""
+    return (err.strerror or str(err)).lower()
+
+
 def format_addr(addr):
     """("::1", 7007, 0, 0) -> "[::1]:7007"; ("127.0.0.1", 7007) -> "127.0.0.1:7007"."""
     host, port = addr[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def refuse(sock, name, clients):
-    """No seat for this connection: log it and close it."""
-    log(f"{name} refused: server full ({len(clients)} online)")
+def resolve(host, port):
+    """The address family (IPv4 or IPv6) and the address to bind, for a host name or
+    address: "localhost", "0.0.0.0", "::1". Raises socket.gaierror if it does not resolve."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return family, addr
+
+
+def accept_waiting(server):
+    """Yield up to ACCEPT_BATCH waiting connections. A crowd arriving at once then costs
+    a few turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000
+    chat clients got in 8 times faster than with one accept() a turn).
+    If accept() fails for want of descriptors (EMFILE), the connection stays queued and
+    the listener stays readable: we stop watching it for a moment, or we would spin."""
+    for _ in range(ACCEPT_BATCH):
+        try:
+            yield server.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return  # none left, or one gave up while it waited in the queue
+        except OSError as err:
+            log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
+            server.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+            return
+
+
+def seat_free(sock, server):
+    """Room for one more client: fewer than --max-clients, and a socket that select() can
+    watch. select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
+    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
+    if len(server.clients) >= server.settings.max_clients:
+        return False
+    if os.name == "nt":  # + 1: the listener; and step 5's link has a socket too
+        return len(server.clients) + 1 + len(server.peers) < FD_SETSIZE
+    return sock.fileno() < FD_SETSIZE
+
+
+def refuse(client, server):
+    """No seat for this connection: log it, say so, and close it."""
+    log(f"{client.addr} refused: server full ({len(server.clients)} online)")
     try:
-        sock.send(SERVER_FULL)  # a new socket's send buffer is empty: this short line fits
+        client.sock.send(SERVER_FULL)  # a new socket's send buffer is empty: this line fits
     except OSError:
         pass
-    sock.close()
+    client.sock.close()
 
 
 def set_socket_options(sock):
@@ -245,70 +333,6 @@ def set_socket_options(sock):
     # before is acknowledged, which can add 40 ms to a chat line (bench/nagle.py).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-
-
-def accepting():
-    """False for a short while after accept() failed for want of descriptors."""
-    return time.monotonic() >= accept_paused_until
-
-
-def accept_waiting(listener):
-    """Yield up to ACCEPT_BATCH waiting connections. A crowd arriving at once then costs
-    a few turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000
-    chat clients got in 8 times faster than with one accept() a turn).
-    If accept() fails for want of descriptors (EMFILE), the connection stays queued and
-    the listener stays readable: we stop watching it for a moment, or we would spin."""
-    global accept_paused_until
-    for _ in range(ACCEPT_BATCH):
-        try:
-            yield listener.accept()
-        except (BlockingIOError, ConnectionAbortedError):
-            return  # none left, or one gave up while it waited in the queue
-        except OSError as err:
-            log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
-            accept_paused_until = time.monotonic() + ACCEPT_PAUSE
-            return
-
-
-def close_stalled_leavers(clients):
-    """A client that has left gets what is queued for it only while it keeps taking it.
-    After drain_timeout seconds in which send() took nothing, we close it and free its
-    seat; otherwise a client that stops reading, then shuts down its side, would keep
-    its seat for ever."""
-    now = time.monotonic()
-    for client in list(clients.values()):
-        if client.closing and now - client.last_sent > drain_timeout:
-            log(f"{client.name} closed: took nothing for {drain_timeout:g} s after leaving")
-            drop_client(client, clients, "")
-
-
-def room_is_waiting(clients):
-    """Flood control. While someone still in the room has more than BEHIND bytes unsent,
-    we read no one: TCP then slows every sender down to the pace of the slowest reader.
-    This is step 1's backpressure, applied to the whole room, so one client sending as
-    fast as it can never gets readers who read at a normal pace dropped."""
-    return (any(len(c.outbuf) > BEHIND and not c.closing for c in clients.values())
-            or bool(link and link.behind()))  # the link to NATS is held to the same pace
-
-
-def stuck(client):
-    """True once client has held the room back for STALL_LIMIT seconds on end: it is not
-    reading, and drop_slow_consumers() drops it. So one stuck reader stalls the room for
-    STALL_LIMIT seconds at most."""
-    if client.closing or len(client.outbuf) <= BEHIND:
-        client.behind_since = None
-        return False
-    if client.behind_since is None:
-        client.behind_since = time.monotonic()
-    return time.monotonic() - client.behind_since > STALL_LIMIT
-
-
-def select_can_watch(sock, clients):
-    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
-    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
-    if os.name == "nt":
-        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
-    return sock.fileno() < FD_SETSIZE
 
 
 def default_max_clients():
@@ -324,23 +348,15 @@ def default_max_clients():
     return max(1, limit - SPARE_FDS)
 
 
-def open_listener(host, port):
-    """Create, bind and listen: the first three steps of every TCP server."""
-    family, _, _, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    if os.name == "posix":
-        # Bind again at once after a restart, while old connections linger in TIME_WAIT.
-        # (On Windows this option lets two servers share a port, so we leave it off there.)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(addr)  # on error, the caller reports it and exits
-    listener.listen(BACKLOG)
-    listener.setblocking(False)
-    return listener
+def seconds(text):
+    """An argparse type: a number of seconds, more than 0 and finite."""
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
 
 
-def main(argv=None):
-    global drain_timeout
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; "
@@ -350,26 +366,25 @@ def main(argv=None):
     parser.add_argument("--max-clients", type=int, default=default_max_clients(),
                         help="connections served at once; more are refused "
                              "(default: %(default)s here, the most select() can watch)")
-    parser.add_argument("--drain-timeout", type=float, default=drain_timeout, metavar="SECONDS",
+    parser.add_argument("--drain-timeout", type=seconds, default=10.0, metavar="SECONDS",
                         help="close a client that has left once it has taken none of its "
                              "pending output for this long (default: %(default)s)")
+    parser.add_argument("--stall-budget", type=seconds, default=STALL_BUDGET, metavar="SECONDS",
+                        help="drop a reader once the room has waited this long for it, "
+                             "less what it earned back by reading (default: %(default)s)")
     parser.add_argument("--nats", metavar="HOST:PORT",
                         help="share the room with every server linked to this NATS server "
-                             "(step 5; default: no link)")
+                             "(step 5, nats_link.py; default: no link)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
     if args.max_clients < 1:
         parser.error("--max-clients must be at least 1")
-    if args.drain_timeout <= 0:
-        parser.error("--drain-timeout must be more than 0")
-    if args.nats:
-        nats_host, _, nats_port = args.nats.rpartition(":")
-        nats_host = nats_host.strip("[]")  # [::1]:4222
-        if not nats_host or not nats_port.isdigit() or not 0 < int(nats_port) <= 65535:
-            parser.error("--nats must be HOST:PORT, such as localhost:4222")
+    return args
 
-    drain_timeout = args.drain_timeout
+
+def start(args):
+    """The listening socket, or None after saying on stderr why there is none."""
     # A closed stdin, stdout or stderr gets /dev/null in its place. Otherwise the next
     # socket we open would take its number, and log lines would go to a client.
     for fd in (0, 1, 2):
@@ -378,24 +393,34 @@ def main(argv=None):
         except OSError:
             os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
     try:
-        listener = open_listener(args.host, args.port)
-    except socket.gaierror as err:
-        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
-        return 1
+        return open_listener(args.host, args.port)
+    except (socket.gaierror, UnicodeError) as err:  # UnicodeError: "a..b" is no host name
+        why = err.strerror if isinstance(err, socket.gaierror) else "not a valid host name"
+        print(f"error: cannot resolve host {args.host!r}: {why}", file=sys.stderr)
     except OSError as err:
-        why = (err.strerror or str(err)).lower()
+        why = describe(err)
         if err.errno == errno.EADDRINUSE:  # in the same words on every system
             why = "address already in use (is another server running?)"
         print(f"error: cannot listen on {format_addr((args.host, args.port))}: {why}",
               file=sys.stderr)
-        return 1
-    if args.nats and not link_to_nats(nats_host, int(nats_port), listener):
-        listener.close()
-        return 1
+    return None
 
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        listener = start(args)
+        server = listener and Server(listener, args)
+        if server and args.nats and not join_nats(server, args.nats):
+            listener.close()
+            return 1
+    except KeyboardInterrupt:  # Ctrl-C while we start
+        return 0
+    if not listener:
+        return 1
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
     # (the terminal went away) do the same. A signal that lands just before select() starts
-    # to wait is seen only when select() returns: one more reason for TICK.
+    # to wait is seen only when select() returns: that is what TICK is for.
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):  # Windows has no SIGHUP
             signal.signal(getattr(signal, name), signal.default_int_handler)
@@ -408,9 +433,9 @@ def main(argv=None):
             pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
-        if link:
-            log(f"linked to NATS at {link.where}, as {link.server_name}")
-        serve(listener, args.max_clients)
+        for peer in server.peers:
+            log(f"linked to NATS at {peer.where}, as {peer.server_name}")
+        serve(server)
     except KeyboardInterrupt:
         log("shutting down")  # the system closes every client's socket as we exit
     finally:
@@ -418,260 +443,27 @@ def main(argv=None):
     return 0
 
 
-# Step 5: the link to NATS --------------------------------------------------------------
-# With --nats HOST:PORT, this server's room is shared with every server linked to the same
-# NATS server. The lesson reaches it through link.watch(), link.turn() and broadcast().
 
-link = None                 # the NatsLink with --nats, else None
-NATS_SUBJECT = "chatroom"   # where the linked servers publish their lines
-NATS_TIMEOUT = 5.0          # seconds to connect to NATS and hear its PONG
-RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again: see NatsLink
-PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
-
-
-def link_to_nats(host, port, listener):
-    """Step 5: make the NATS link, or say on stderr why there is none."""
-    global link
-    name = f"{socket.gethostname()}:{listener.getsockname()[1]}"
-    where = format_addr((host, port))
+def join_nats(server, address):
+    """Step 5: link this server's room to every other room on the NATS server at address,
+    through nats_link.py, a module of its own beside this file (loaded only now, so this
+    file runs steps 1 to 4 alone). False, after saying why on stderr, if there is no link."""
     try:
-        link = NatsLink(host, port, name)
-        link.connect_now()
-    except socket.gaierror as err:
-        print(f"error: cannot resolve NATS host {host!r}: {err.strerror}", file=sys.stderr)
-    except ConnectionRefusedError:
-        print(f"error: cannot link to NATS at {where}: connection refused "
-              "(is nats-server running?)", file=sys.stderr)
-    except OSError as err:
-        print(f"error: cannot link to NATS at {where}: {(err.strerror or str(err)).lower()}",
-              file=sys.stderr)
-    else:
-        return True
-    link = None
-    return False
-
-
-class NatsLink:
-    """Step 5 (--nats HOST:PORT): this server's room joined with every other server linked
-    to the same NATS server, over one TCP connection that the same select() loop serves.
-
-    NATS speaks lines of text. It greets us with INFO {...}; we answer CONNECT {...} (with
-    "echo": false, NATS never hands us back our own lines), SUB chatroom 1 and PING, and
-    its PONG says we are in. broadcast() hands publish() every batch of lines and notices
-    from our clients: PUB chatroom N, then the N bytes. What the other servers publish
-    comes to us as MSG chatroom 1 N and the N bytes, and goes to our clients, and not back
-    to NATS: for broadcast(), the link is its sender. NATS sends PING now and then; we answer
-    PONG, and we PING it too, to notice a NATS that stopped answering.
-
-    Faults. If the link drops, we log it, keep serving our own clients, and try again
-    after RETRY_MIN seconds, then twice as long each time, up to RETRY_MAX. Lines sent
-    meanwhile do not cross: core NATS delivers at most once. Our output to NATS counts
-    like a client's in room_is_waiting(): past BEHIND bytes the room waits for it, and a
-    link that holds the room back for STALL_LIMIT seconds, or does not answer two PINGs,
-    is dropped and made again. So our memory stays bounded, and NATS's own cut-off of a
-    slow reader (us, while the room waits) only makes us reconnect."""
-
-    def __init__(self, host, port, server_name):
-        self.where = format_addr((host, port))
-        self.address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        self.server_name = server_name  # in our notices: "3 online on host:7007"
-        self.sock = None
-        self.state = "down"             # "connecting", "greeting" (until PONG), "up"
-        self.inbuf = bytearray()        # from NATS: the start of a line or a MSG's payload
-        self.outbuf = bytearray()       # to NATS, not taken by the kernel yet
-        self.since = time.monotonic()   # when the state last changed
-        self.retry_in = RETRY_MIN
-        self.max_payload = 1024 * 1024  # NATS's limit on a message; its INFO says
-        self.pings = 0                  # PINGs of ours not answered yet
-        self.behind_since = None
-        self.lost_at = None             # when the link went down, while it is down
-        self.why = ""                   # why it last went down
-        self.introduced = False         # whether we sent CONNECT on this connection
-
-    def connect_now(self):
-        """At start: link now, waiting, or raise OSError saying why."""
-        sock = socket.create_connection(self.address[4][:2], timeout=NATS_TIMEOUT)
-        self.sock, self.state, self.introduced = sock, "greeting", False
-        while self.state == "greeting":
-            data = sock.recv(RECV_SIZE)
-            if not data:
-                raise OSError("it closed the connection")
-            self.inbuf += data
-            if not self.take_in({}):
-                raise OSError(self.why)
-            sock.sendall(self.outbuf)
-            self.outbuf.clear()
-        sock.setblocking(False)
-
-    def watch(self, want_read, want_write, clients):
-        """Add our socket to what select() watches, or start a connection when it is time."""
-        now = time.monotonic()
-        if self.state == "down" and now >= self.since + self.retry_in:
-            self.start_connecting()
-        if self.state == "connecting":
-            want_write.append(self.sock)  # writable: the connection is made, or has failed
-        elif self.state != "down":
-            # Like a client, we are not read while someone in our room is behind.
-            if not any(len(c.outbuf) > BEHIND and not c.closing for c in clients.values()):
-                want_read.append(self.sock)
-            if self.outbuf:
-                want_write.append(self.sock)
-
-    def start_connecting(self):
-        family, kind, proto, _, addr = self.address
-        self.sock = socket.socket(family, kind, proto)
-        self.sock.setblocking(False)
-        self.state, self.since, self.introduced = "connecting", time.monotonic(), False
-        err = self.sock.connect_ex(addr)  # connect without waiting: select() tells us
-        if err not in (0, errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", -1)):
-            self.fail(os.strerror(err).lower())
-
-    def turn(self, readable, writable, clients):
-        """One turn of the loop for the link: connect, read, write, and check its health."""
-        now = time.monotonic()
-        if self.state == "connecting":
-            # Writable: connected, or failed. (Windows tells a failure in select()'s third
-            # list, which we do not use: so we ask each turn.)
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                return self.fail(os.strerror(err).lower())
-            if self.sock in writable:
-                self.state, self.since = "greeting", now
-        if self.state in ("greeting", "up") and self.sock in readable:
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError as err:
-                return self.fail((err.strerror or str(err)).lower())
-            if data == b"":
-                return self.fail("NATS closed the connection")
-            if data:
-                self.inbuf += data
-                if not self.take_in(clients):
-                    return
-        if self.state in ("greeting", "up") and self.outbuf:
-            try:
-                del self.outbuf[:self.sock.send(self.outbuf)]
-            except BlockingIOError:
-                pass
-            except OSError as err:
-                return self.fail((err.strerror or str(err)).lower())
-        if self.state in ("connecting", "greeting") and now - self.since > NATS_TIMEOUT:
-            return self.fail(f"no answer in {NATS_TIMEOUT:g} s")
-        if self.state == "up":
-            self.check_health(now)
-
-    def take_in(self, clients):
-        """Act on every complete line NATS sent; a MSG's payload goes to our clients.
-        False if the link had to be dropped."""
-        while True:
-            end = self.inbuf.find(b"\r\n")
-            if end < 0:
-                if len(self.inbuf) > RECV_SIZE:  # no protocol line is that long
-                    return self.fail("NATS sent a line too long")
-                return True
-            words = bytes(self.inbuf[:end]).split()
-            op = words[0].upper() if words else b""
-            if op == b"MSG":  # MSG room 1 N, then N bytes and \r\n
-                try:
-                    size = int(words[-1])
-                except ValueError:
-                    size = -1
-                if not 0 <= size <= self.max_payload:  # so inbuf stays bounded
-                    return self.fail("NATS sent a bad MSG line")
-                if len(self.inbuf) < end + 2 + size + 2:
-                    return True  # the rest of the payload is still on its way
-                payload = bytes(self.inbuf[end + 2:end + 2 + size])
-                del self.inbuf[:end + 2 + size + 2]
-                broadcast(payload, clients, sender=self)
-                continue
-            line = bytes(self.inbuf[:end]).decode("utf-8", errors="replace")
-            del self.inbuf[:end + 2]
-            if op == b"PING":
-                self.outbuf += b"PONG\r\n"
-            elif op == b"PONG":
-                self.pings = 0
-                if self.state == "greeting":
-                    self.link_up()
-            elif op == b"INFO":
-                self.read_info(line[4:])
-            elif op == b"-ERR":
-                log(f"NATS at {self.where} says: {line[5:]}")
-                if self.state == "greeting":
-                    return self.fail(line[5:].strip(" '").lower())
-
-    def read_info(self, text):
-        """NATS's INFO: its limits. The first one is our cue to say who we are."""
-        try:
-            self.max_payload = max(1, int(json.loads(text).get("max_payload", self.max_payload)))
-        except (ValueError, AttributeError):
-            pass
-        if self.state == "greeting" and not self.introduced:
-            self.introduced = True
-            options = {"verbose": False, "pedantic": False, "echo": False, "protocol": 1,
-                       "name": f"chat_server.py {self.server_name}"}
-            self.outbuf += (f"CONNECT {json.dumps(options)}\r\nSUB {NATS_SUBJECT} 1\r\n"
-                            "PING\r\n").encode()
-
-    def link_up(self):
-        self.state, self.since, self.retry_in = "up", time.monotonic(), RETRY_MIN
-        self.next_ping = self.since + PING_EVERY
-        if self.lost_at is not None:
-            log(f"NATS link to {self.where} is back after {self.since - self.lost_at:.1f} s")
-            self.lost_at = None
-
-    def publish(self, data):
-        """Queue data (whole lines) for the other servers, in messages NATS takes: a batch
-        over its max_payload is split at line boundaries. While the link is down, nothing."""
-        if self.state != "up":
-            return
-        start = 0
-        while start < len(data):
-            end = start + self.max_payload
-            if end < len(data):
-                end = data.rfind(b"\n", start, end) + 1
-                if end <= start:  # one line longer than NATS takes: it cannot cross
-                    log(f"a line longer than NATS's max_payload ({self.max_payload} bytes) "
-                        "did not cross")
-                    start = data.find(b"\n", start) + 1 or len(data)
-                    continue
-            chunk = data[start:end]
-            self.outbuf += b"PUB %s %d\r\n%s\r\n" % (NATS_SUBJECT.encode(), len(chunk), chunk)
-            start = end
-
-    def behind(self):
-        return self.state == "up" and len(self.outbuf) > BEHIND
-
-    def check_health(self, now):
-        """Drop a link that holds the room back too long, or that stopped answering."""
-        if self.behind():
-            self.behind_since = self.behind_since or now
-            if now - self.behind_since > STALL_LIMIT:
-                return self.fail(f"it held the room back for {STALL_LIMIT:g} s")
-        else:
-            self.behind_since = None
-        if now >= self.next_ping:
-            if self.pings >= 2:
-                return self.fail(f"no answer to PING in {2 * PING_EVERY:g} s")
-            self.outbuf += b"PING\r\n"
-            self.pings += 1
-            self.next_ping = now + PING_EVERY
-
-    def fail(self, why):
-        """Drop the connection; the next try comes after a wait that doubles each time."""
-        now = time.monotonic()
-        if self.state == "up":
-            log(f"NATS link to {self.where} lost: {why}; lines do not cross until it is back")
-            self.lost_at, self.retry_in = now, RETRY_MIN
-        else:  # a try that failed: wait longer before the next
-            self.retry_in = min(self.retry_in * 2, RETRY_MAX)
-        self.sock.close()
-        self.sock, self.state, self.since, self.why = None, "down", now, why
-        self.inbuf.clear()
-        self.outbuf.clear()
-        self.pings, self.behind_since = 0, None
+        import nats_link
+    except ImportError as err:
+        print(f"error: --nats needs nats_link.py beside chat_server.py ({err})", file=sys.stderr)
         return False
+    name = f"{socket.gethostname()}:{server.listener.getsockname()[1]}"
+    rules = {"RECV_SIZE": RECV_SIZE, "LINE_LIMIT": LINE_LIMIT, "BEHIND": BEHIND,
+             "OUTBUF_LIMIT": OUTBUF_LIMIT, "STALL_BUDGET": server.settings.stall_budget,
+             "REFILL": REFILL, "PAYBACK": PAYBACK}
+    peer = nats_link.open_link(address, name, rules, log=log,
+                          relay=lambda data, sender: broadcast(data, server, sender))
+    if not peer:
+        return False
+    server.peers.append(peer)
+    server.where = f" on {name}"
+    return True
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
 """Step 1: a TCP echo server (RFC 862) that serves many clients with one select() loop.
 
-Run it:      python echo_server.py             then, in another terminal: nc localhost 7007
-Options:     python echo_server.py --help
+Run it:      python echo_server.py        then, in another terminal: nc localhost 7007
 
 Every byte a client sends comes back to that client, unchanged and in order. One loop
 serves everyone: select.select() says which sockets are ready and we touch only those,
 so no client ever waits on another. It shows non-blocking sockets, an output buffer per
-client, backpressure and half-close. Left out: idle timeouts, UDP (RFC 862 has it), TLS.
-What a real server needs besides the lesson comes after the line "The fine print".
+client, backpressure and half-close. Left out: idle timeouts, UDP (RFC 862 has it), TLS,
+and what a real server needs besides the lesson: that comes after "The fine print".
 """
 import argparse
 import errno
@@ -21,119 +20,148 @@ import time
 
 DEFAULT_PORT = 7007         # the challenge's port
 RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: bench/README.md)
-OUTBUF_LIMIT = 256 * 1024   # stop reading a client whose unsent echo reaches this (backpressure)
-TICK = 0.5                  # select() returns at least this often, for the fine print's timers
+PAUSE_READING_AT = 256 * 1024  # a client with this much unsent echo is not read until it drains
+BACKLOG = 1024              # connections the kernel may queue for us while we are busy
+TICK = 0.5                  # select() returns at least this often: see main()
 
 
 class Client:
-    """Everything the server keeps for one connection."""
+    """Everything the server keeps for one connection (smallchat keeps a struct)."""
 
-    def __init__(self, sock, name):
+    def __init__(self, sock, addr):
         self.sock = sock
-        self.name = name            # "127.0.0.1:50312", for the log
+        self.addr = addr            # "127.0.0.1:50312", for the log
         self.outbuf = bytearray()   # bytes for this client that the kernel has not taken yet
         self.closing = False        # it has left: close once outbuf is sent
         self.last_sent = time.monotonic()  # when send() last took some of outbuf
 
 
-def serve(listener, max_clients):
+class Server:
+    """Everything the loop keeps, in one place: the listener, the command line's settings,
+    every open connection, and when accept() may be tried again after it failed."""
+
+    def __init__(self, listener, settings):
+        self.listener, self.settings, self.clients = listener, settings, {}
+        self.accept_paused_until = 0.0
+
+
+def open_listener(host, port):
+    """The listening socket, made non-blocking like every socket the loop serves. A
+    blocking call (accept, recv, send) waits until it can do its job, and while it waits
+    for one client, the loop serves nobody else. A non-blocking call does what it can now
+    or raises BlockingIOError, and select() does the waiting, for all sockets at once."""
+    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
+    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
+    if os.name != "nt":  # bind again at once after a restart, while old connections linger
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
+    listener.bind(addr)         # claim the address and port: fails if another server has it
+    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
+    listener.setblocking(False)
+    return listener
+
+
+def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
-    clients = {}                    # socket -> Client, for every open connection
+    clients = server.clients        # socket -> Client
     while True:
-        # Ask only for what we can act on. Watching a socket for writability while we
-        # have nothing to send would wake us at once, every turn: 100% CPU.
-        want_read = [listener] if accepting() else []
-        # Backpressure: a client whose echo piles up is not read until it drains. TCP
-        # then fills up and slows the sender down, and our memory stays flat.
+        # Ask only for what we can act on. The listener: not just after accept() failed for
+        # want of descriptors (we would spin). A client: not while its echo piles up (TCP
+        # then slows the sender down: backpressure, and our memory stays flat). Writability:
+        # only while we have something to send, or select() would wake us at once: 100% CPU.
+        want_read = [server.listener] if time.monotonic() >= server.accept_paused_until else []
         want_read += [c.sock for c in clients.values()
-                      if not c.closing and len(c.outbuf) < OUTBUF_LIMIT]
+                      if not c.closing and len(c.outbuf) < PAUSE_READING_AT]
         want_write = [c.sock for c in clients.values() if c.outbuf]
 
         # The one place we wait. Writable means the kernel's send buffer has room, not that
         # data arrived. We don't use the third list (TCP urgent data).
         readable, _, _ = select.select(want_read, want_write, [], TICK)
-
         for sock in readable:
-            if sock is listener:
-                accept_clients(listener, clients, max_clients)
+            if sock is server.listener:
+                accept_clients(server)
             elif sock in clients:  # skip a client dropped earlier in this pass
-                read_from(clients[sock], clients)
+                read_from(clients[sock], server)
         # One send() to every client with output, not only to those select() found writable,
         # so what was queued this turn leaves this turn (speed). A full socket just refuses.
         for client in list(clients.values()):
             if client.outbuf:
-                write_to(client, clients)
-        close_stalled_leavers(clients)
+                write_to(client, server)
+        close_stalled_leavers(server)
 
 
-def accept_clients(listener, clients, max_clients):
+def accept_clients(server):
     """A readable listener means connections are waiting: accept() will not block."""
-    for sock, addr in accept_waiting(listener):  # see the fine print: a few per turn
+    for sock, addr in accept_waiting(server):  # a few per turn: see the fine print
         sock.setblocking(False)
-        name = format_addr(addr)
-        if len(clients) >= max_clients or not select_can_watch(sock, clients):
-            refuse(sock, name, clients)
+        client = Client(sock, format_addr(addr))
+        if not seat_free(sock, server):  # --max-clients, and what select() can watch
+            refuse(client, server)
             continue
-        set_socket_options(sock)  # see the fine print: no Nagle delay, a bounded buffer
-        clients[sock] = Client(sock, name)
-        log(f"{name} connected ({len(clients)} online)")
+        set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
+        server.clients[sock] = client
+        log(f"{client.addr} connected ({len(server.clients)} online)")
 
 
-def read_from(client, clients):
+def read_from(client, server):
     try:
         data = client.sock.recv(RECV_SIZE)
     except BlockingIOError:
         return  # select() said readable, but the data was gone; try again next turn
     except OSError as err:  # ECONNRESET and friends: the client vanished
-        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        drop_client(client, server, f"dropped: {describe(err)}")
         return
     if not data:  # b"": the client shut down its side. We send what is left, then close
         client.closing = True
         if not client.outbuf:
-            drop_client(client, clients, "disconnected")
+            drop_client(client, server, "disconnected")
         return
     client.outbuf += data  # the echo: write_to() sends it
 
 
-def write_to(client, clients):
+def write_to(client, server):
     try:
         sent = client.sock.send(client.outbuf)
     except BlockingIOError:
         return
     except OSError as err:  # EPIPE, ECONNRESET: the client is gone
-        drop_client(client, clients, f"dropped: {err.strerror or err}")
+        drop_client(client, server, f"dropped: {describe(err)}")
         return
     del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
     client.last_sent = time.monotonic()
     if client.closing and not client.outbuf:
-        drop_client(client, clients, "disconnected")
+        drop_client(client, server, "disconnected")
 
 
-def drop_client(client, clients, why):
+def close_stalled_leavers(server):
+    """A client that has left gets its pending output while it keeps taking it. After
+    --drain-timeout (10 s) in which send() took nothing, we close it and free its seat."""
+    limit = server.settings.drain_timeout
+    for client in list(server.clients.values()):
+        if client.closing and time.monotonic() - client.last_sent > limit:
+            drop_client(client, server, f"closed: took nothing for {limit:g} s after leaving")
+
+
+def drop_client(client, server, why):
     """Close the connection now and forget the client."""
-    del clients[client.sock]
+    del server.clients[client.sock]
     client.sock.close()
-    log(f"{client.name} {why} ({len(clients)} online)")
+    log(f"{client.addr} {why} ({len(server.clients)} online)")
 
 
 # The fine print ------------------------------------------------------------------------
 # What a real server needs besides the lesson: a log that never stops it, the limits of
-# select() and of the process's descriptors, surviving a failed accept(), bounds on what
-# a client that stops reading can cost,
-# and the command line. The lesson reaches each piece through one of the functions below.
+# select() and of the process's descriptors, surviving a failed accept(), a bound on what
+# the kernel holds for a client that stops reading, and the command line.
 
-BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 ACCEPT_BATCH = 16           # connections accepted per turn at most: see accept_waiting()
 ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
-FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see select_can_watch()
+FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see seat_free()
 SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
-accept_paused_until = 0.0   # set by accept_waiting(), read by accepting()
-log_lost = 0                # log lines that stderr could not take: see log()
 # The kernel's send buffer for each client. Left to itself, Linux grows it to 4 MB for a
 # client that does not read: that much of the host's memory for each such client. We
 # set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 256 * 1024
-drain_timeout = 10.0        # seconds a client that has left may take nothing (--drain-timeout)
+log_lost = 0                # log lines that stderr could not take: see log()
 
 
 def log(message):
@@ -156,16 +184,57 @@ def log(message):
     log_lost += 1
 
 
+def describe(err):
+    """An OSError in a few lower-case words: "connection reset by peer"."""
+    return (err.strerror or str(err)).lower()
+
+
 def format_addr(addr):
     """("::1", 7007, 0, 0) -> "[::1]:7007"; ("127.0.0.1", 7007) -> "127.0.0.1:7007"."""
     host, port = addr[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def refuse(sock, name, clients):
+def resolve(host, port):
+    """The address family (IPv4 or IPv6) and the address to bind, for a host name or
+    address: "localhost", "0.0.0.0", "::1". Raises socket.gaierror if it does not resolve."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return family, addr
+
+
+def accept_waiting(server):
+    """Yield up to ACCEPT_BATCH waiting connections. A crowd arriving at once then costs
+    a few turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000
+    chat clients got in 8 times faster than with one accept() a turn).
+    If accept() fails for want of descriptors (EMFILE), the connection stays queued and
+    the listener stays readable: we stop watching it for a moment, or we would spin."""
+    for _ in range(ACCEPT_BATCH):
+        try:
+            yield server.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return  # none left, or one gave up while it waited in the queue
+        except OSError as err:
+            log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
+            server.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+            return
+
+
+def seat_free(sock, server):
+    """Room for one more client: fewer than --max-clients, and a socket that select() can
+    watch. select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
+    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
+    if len(server.clients) >= server.settings.max_clients:
+        return False
+    if os.name == "nt":
+        return len(server.clients) + 1 < FD_SETSIZE  # + 1: the listener
+    return sock.fileno() < FD_SETSIZE
+
+
+def refuse(client, server):
     """No seat for this connection: log it and close it."""
-    log(f"{name} refused: server full ({len(clients)} online)")
-    sock.close()
+    log(f"{client.addr} refused: server full ({len(server.clients)} online)")
+    client.sock.close()
 
 
 def set_socket_options(sock):
@@ -173,49 +242,6 @@ def set_socket_options(sock):
     # before is acknowledged, which can add 40 ms to a chat line (bench/nagle.py).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-
-
-def accepting():
-    """False for a short while after accept() failed for want of descriptors."""
-    return time.monotonic() >= accept_paused_until
-
-
-def accept_waiting(listener):
-    """Yield up to ACCEPT_BATCH waiting connections. A crowd arriving at once then costs
-    a few turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000
-    chat clients got in 8 times faster than with one accept() a turn).
-    If accept() fails for want of descriptors (EMFILE), the connection stays queued and
-    the listener stays readable: we stop watching it for a moment, or we would spin."""
-    global accept_paused_until
-    for _ in range(ACCEPT_BATCH):
-        try:
-            yield listener.accept()
-        except (BlockingIOError, ConnectionAbortedError):
-            return  # none left, or one gave up while it waited in the queue
-        except OSError as err:
-            log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
-            accept_paused_until = time.monotonic() + ACCEPT_PAUSE
-            return
-
-
-def close_stalled_leavers(clients):
-    """A client that has left gets what is queued for it only while it keeps taking it.
-    After drain_timeout seconds in which send() took nothing, we close it and free its
-    seat; otherwise a client that stops reading, then shuts down its side, would keep
-    its seat for ever."""
-    now = time.monotonic()
-    for client in list(clients.values()):
-        if client.closing and now - client.last_sent > drain_timeout:
-            why = f"closed: took nothing for {drain_timeout:g} s after leaving"
-            drop_client(client, clients, why)
-
-
-def select_can_watch(sock, clients):
-    """select() cannot watch a descriptor numbered FD_SETSIZE or more; on Windows it
-    cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
-    if os.name == "nt":
-        return len(clients) + 1 < FD_SETSIZE  # + 1: the listener
-    return sock.fileno() < FD_SETSIZE
 
 
 def default_max_clients():
@@ -231,23 +257,15 @@ def default_max_clients():
     return max(1, limit - SPARE_FDS)
 
 
-def open_listener(host, port):
-    """Create, bind and listen: the first three steps of every TCP server."""
-    family, _, _, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    if os.name == "posix":
-        # Bind again at once after a restart, while old connections linger in TIME_WAIT.
-        # (On Windows this option lets two servers share a port, so we leave it off there.)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(addr)  # on error, the caller reports it and exits
-    listener.listen(BACKLOG)
-    listener.setblocking(False)
-    return listener
+def seconds(text):
+    """An argparse type: a number of seconds, more than 0 and finite."""
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
 
 
-def main(argv=None):
-    global drain_timeout
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; "
@@ -257,7 +275,7 @@ def main(argv=None):
     parser.add_argument("--max-clients", type=int, default=default_max_clients(),
                         help="connections served at once; more are refused "
                              "(default: %(default)s here, the most select() can watch)")
-    parser.add_argument("--drain-timeout", type=float, default=drain_timeout, metavar="SECONDS",
+    parser.add_argument("--drain-timeout", type=seconds, default=10.0, metavar="SECONDS",
                         help="close a client that has left once it has taken none of its "
                              "pending output for this long (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -265,10 +283,11 @@ def main(argv=None):
         parser.error("--port must be from 0 to 65535")
     if args.max_clients < 1:
         parser.error("--max-clients must be at least 1")
-    if args.drain_timeout <= 0:
-        parser.error("--drain-timeout must be more than 0")
+    return args
 
-    drain_timeout = args.drain_timeout
+
+def start(args):
+    """The listening socket, or None after saying on stderr why there is none."""
     # A closed stdin, stdout or stderr gets /dev/null in its place. Otherwise the next
     # socket we open would take its number, and log lines would go to a client.
     for fd in (0, 1, 2):
@@ -277,21 +296,30 @@ def main(argv=None):
         except OSError:
             os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
     try:
-        listener = open_listener(args.host, args.port)
-    except socket.gaierror as err:
-        print(f"error: cannot resolve host {args.host!r}: {err.strerror}", file=sys.stderr)
-        return 1
+        return open_listener(args.host, args.port)
+    except (socket.gaierror, UnicodeError) as err:  # UnicodeError: "a..b" is no host name
+        why = err.strerror if isinstance(err, socket.gaierror) else "not a valid host name"
+        print(f"error: cannot resolve host {args.host!r}: {why}", file=sys.stderr)
     except OSError as err:
-        why = (err.strerror or str(err)).lower()
+        why = describe(err)
         if err.errno == errno.EADDRINUSE:  # in the same words on every system
             why = "address already in use (is another server running?)"
         print(f"error: cannot listen on {format_addr((args.host, args.port))}: {why}",
               file=sys.stderr)
-        return 1
+    return None
 
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        listener = start(args)
+    except KeyboardInterrupt:  # Ctrl-C while we start
+        return 0
+    if not listener:
+        return 1
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
     # (the terminal went away) do the same. A signal that lands just before select() starts
-    # to wait is seen only when select() returns: one more reason for TICK.
+    # to wait is seen only when select() returns: that is what TICK is for.
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):  # Windows has no SIGHUP
             signal.signal(getattr(signal, name), signal.default_int_handler)
@@ -304,7 +332,7 @@ def main(argv=None):
             pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
-        serve(listener, args.max_clients)
+        serve(Server(listener, args))
     except KeyboardInterrupt:
         log("shutting down")  # the system closes every client's socket as we exit
     finally:
