@@ -23,9 +23,7 @@ RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: benc
 OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
 BEHIND = 64 * 1024          # a reader with more unsent than this holds the room back
-STALL_BUDGET = 2.0          # seconds of holding the room back that get a reader dropped ...
-REFILL = 0.2                # ... less 0.2 s for each second it does not (2 s in any 10 s) ...
-PAYBACK = 0.1 / BEHIND      # ... and 0.1 s for each 64 KiB it takes: a reader that reads pays
+STALL_BUDGET = 2.0          # seconds of holding the room back that get a reader dropped
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 TICK = 0.5                  # select() returns at least this often: see main()
 WELCOME = b"Welcome to the chatroom!\n"
@@ -55,20 +53,6 @@ class Server:
         self.waited_for = []        # the readers the room waits for this turn
         self.turn_began = time.monotonic()
         self.peers = []             # step 5: other servers' rooms joined to ours (nats_link.py)
-        self.where = ""             # step 5: " on host:7007", after the count of who is online
-
-
-def open_listener(host, port):
-    """The listening socket, made non-blocking like every socket the loop serves (step 1
-    says why: a blocking call waits for one client while the others wait for it)."""
-    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
-    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
-    if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
-    listener.bind(addr)         # claim the address and port: fails if another server has it
-    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
-    listener.setblocking(False)
-    return listener
 
 
 def serve(server):
@@ -203,15 +187,12 @@ def drop_slow_readers(server):
     reads: one reader holds the room back 2 s in any 10 s at most. Past OUTBUF_LIMIT it is
     dropped at once. A client that has left is closed after --drain-timeout (10 s) in
     which it took nothing: otherwise it could keep its seat for ever."""
-    now, settings = time.monotonic(), server.settings
-    waited = now - server.turn_began
+    limit = server.settings.drain_timeout
     for client in list(server.clients.values()):
-        earned = -waited if client in server.waited_for else waited * REFILL
-        client.stalled = max(0.0, client.stalled - earned)
-        if client.stalled > settings.stall_budget or len(client.outbuf) > OUTBUF_LIMIT:
+        if over_stall_budget(client, server) or len(client.outbuf) > OUTBUF_LIMIT:
             drop_client(client, server, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
-        elif client.closing and now - client.last_sent > settings.drain_timeout:
-            log(f"{client.addr} closed: took nothing for {settings.drain_timeout:g} s after leaving")
+        elif client.closing and time.monotonic() - client.last_sent > limit:
+            log(f"{client.addr} closed: took nothing for {limit:g} s after leaving")
             drop_client(client, server, "")
 
 
@@ -230,14 +211,27 @@ def leave_room(client, server, why):
         log(f"{client.addr} {why} ({online(server)})")
 
 
-def online(server):  # "3 online"; with step 5, which server's count it is: "on host:7007"
-    return f"{sum(not c.closing for c in server.clients.values())} online{server.where}"
+def online(server):
+    return f"{sum(not c.closing for c in server.clients.values())} online"
 
 
 # The fine print ------------------------------------------------------------------------
 # What a real server needs besides the lesson: a log that never stops it, the limits of
 # select() and of the process's descriptors, surviving a failed accept(), a bound on what
 # the kernel holds for a client that stops reading, the command line, and loading step 5.
+
+
+def open_listener(host, port):
+    """The listening socket, non-blocking like every socket the loop serves (see step 1)."""
+    family, addr = resolve(host, port)  # IPv4 or IPv6: see below
+    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
+    if os.name != "nt":  # bind again at once after a restart, while old connections linger
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
+    listener.bind(addr)         # claim the address and port: fails if another server has it
+    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
+    listener.setblocking(False)
+    return listener
+
 
 ACCEPT_BATCH = 16           # connections accepted per turn at most: see accept_waiting()
 ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
@@ -248,6 +242,8 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 # set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 64 * 1024
 SERVER_FULL = b"error: server full, try again later\n"
+REFILL = 0.2                # stall budget earned back each second a reader keeps up
+PAYBACK = 0.1 / BEHIND      # ... and for each byte it takes: 0.1 s per 64 KiB
 log_lost = 0                # log lines that stderr could not take: see log()
 
 
@@ -333,6 +329,15 @@ def set_socket_options(sock):
     # before is acknowledged, which can add 40 ms to a chat line (bench/nagle.py).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+
+
+def over_stall_budget(client, server):
+    """Spend or earn back client's stall budget for the turn that just ended (the rule is
+    drop_slow_readers()'s); True once it is spent."""
+    waited = time.monotonic() - server.turn_began
+    earned = -waited if client in server.waited_for else waited * REFILL
+    client.stalled = max(0.0, client.stalled - earned)
+    return client.stalled > server.settings.stall_budget
 
 
 def default_max_clients():
@@ -454,16 +459,12 @@ def join_nats(server, address):
         print(f"error: --nats needs nats_link.py beside chat_server.py ({err})", file=sys.stderr)
         return False
     name = f"{socket.gethostname()}:{server.listener.getsockname()[1]}"
-    rules = {"RECV_SIZE": RECV_SIZE, "LINE_LIMIT": LINE_LIMIT, "BEHIND": BEHIND,
-             "OUTBUF_LIMIT": OUTBUF_LIMIT, "STALL_BUDGET": server.settings.stall_budget,
-             "REFILL": REFILL, "PAYBACK": PAYBACK}
+    rules = {rule: globals()[rule] for rule in ("RECV_SIZE", "LINE_LIMIT", "BEHIND", "REFILL", "PAYBACK")}
+    rules["STALL_BUDGET"] = server.settings.stall_budget
     peer = nats_link.open_link(address, name, rules, log=log,
-                          relay=lambda data, sender: broadcast(data, server, sender))
-    if not peer:
-        return False
-    server.peers.append(peer)
-    server.where = f" on {name}"
-    return True
+                               relay=lambda data, sender: broadcast(data, server, sender))
+    server.peers += [peer] if peer else []
+    return bool(peer)
 
 
 if __name__ == "__main__":

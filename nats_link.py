@@ -104,6 +104,8 @@ class NatsLink:
         most, cut at line ends. While the link is down, nothing: at most once."""
         if self.state != "up":
             return
+        if data.startswith(b"* ") and data.endswith(b" online)\n"):  # our notice: whose count?
+            data = data[:-2] + f" on {self.server_name})\n".encode()  # "(3 online on host:7007)"
         start = 0
         while start < len(data):
             end = start + self.max_payload
