@@ -45,6 +45,21 @@ class Server:
         self.accept_paused_until = 0.0
 
 
+def open_listener(host, port):
+    """The listening socket, made non-blocking like every socket the loop serves. A
+    blocking call (accept, recv, send) waits until it can do its job, and while it waits
+    for one client, the loop serves nobody else. A non-blocking call does what it can now
+    or raises BlockingIOError, and select() does the waiting, for all sockets at once."""
+    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
+    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
+    if os.name != "nt":  # bind again at once after a restart, while old connections linger
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
+    listener.bind(addr)         # claim the address and port: fails if another server has it
+    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
+    listener.setblocking(False)
+    return listener
+
+
 def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
     clients = server.clients        # socket -> Client
@@ -131,22 +146,6 @@ def drop_client(client, server, why):
     del server.clients[client.sock]
     client.sock.close()
     log(f"{client.addr} {why} ({len(server.clients)} online)")
-
-
-
-def open_listener(host, port):
-    """The listening socket, made non-blocking like every socket the loop serves. A
-    blocking call (accept, recv, send) waits until it can do its job, and while it waits
-    for one client, the loop serves nobody else. A non-blocking call does what it can now
-    or raises BlockingIOError, and select() does the waiting, for all sockets at once."""
-    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
-    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
-    if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
-    listener.bind(addr)         # claim the address and port: fails if another server has it
-    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
-    listener.setblocking(False)
-    return listener
 
 # The fine print ------------------------------------------------------------------------
 # What a real server needs besides the lesson: a log that never stops it, the limits of
