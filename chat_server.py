@@ -137,16 +137,17 @@ def relay_lines(client, data, server):
     """TCP is a byte stream: one recv() may hold half a line, or a hundred lines. We add
     data to inbuf, relay each complete line, and keep the unfinished rest in inbuf."""
     client.inbuf += data
+    client.inbuf = client.inbuf.replace(b"\r\n", b"\n")  # telnet and nc -C send "\r\n"
+    while b"\n\n" in client.inbuf:  # empty lines go, all at once: a flood of them costs
+        client.inbuf = client.inbuf.replace(b"\n\n", b"\n")  # what one recv() costs
     *lines, client.inbuf = client.inbuf.split(b"\n")
     batch = bytearray()  # every line of this recv(), queued for the others in one go (speed)
     too_long = len(client.inbuf) > LINE_LIMIT + 1  # + 1: a "\r" may still await its "\n"
     for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]  # telnet and nc -C end lines with "\r\n"
         if len(line) > LINE_LIMIT:
             too_long = True
             break  # the lines before it still go; it and the rest do not
-        if line:  # empty lines are ignored
+        if line:  # (the first may be empty)
             batch += line + b"\n"
     broadcast(batch, server, sender=client)
     if too_long:

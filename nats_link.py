@@ -29,6 +29,7 @@ What a real link needs besides the lesson comes after the line "The fine print".
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -172,8 +173,9 @@ def open_link(address, server_name, rules, log, relay):
     server does not start without its link. Later ones happen inside the loop."""
     try:
         host, port, credentials = parse_address(address)
-    except ValueError as err:
-        print(f"error: --nats {shown(address)}: {err}", file=sys.stderr)
+    except ValueError as err:  # (what is before an "@" may be a secret: not shown)
+        print(f"error: --nats {shown(re.sub(r'//[^/]*@', '//...@', address))}: {err}",
+              file=sys.stderr)
         return None
     peer = NatsLink((host, port, credentials), server_name, rules, log, relay)
     try:
@@ -270,7 +272,7 @@ def finish_connecting(link, writable):
     if err:
         drop_link(link, describe(OSError(err, os.strerror(err))))
     elif writable:
-        link.state, link.since = "greeting", time.monotonic()
+        link.state = "greeting"  # (since: still when we began to connect, one deadline for all)
 
 def read_from_nats(link):
     try:
@@ -325,7 +327,7 @@ def read_info(link, text):
         info = None
     size = info.get("max_payload", MAX_PAYLOAD) if isinstance(info, dict) else None
     if type(size) is not int or size < 1:  # a JSON object, with a whole number
-        return drop_link(link, f"NATS sent a bad INFO: {shown(text[:200])}")
+        return drop_link(link, f"NATS sent a bad INFO: {shown(text[:200].strip())}")
     link.max_payload = min(size, MAX_PAYLOAD)
     if link.state == "greeting" and not link.introduced:
         link.introduced = True
@@ -363,7 +365,7 @@ def drop_link(link, why):
         link.log(f"NATS link to {link.where} lost: {why}; lines do not cross until it is back")
         link.lost_at, link.retry_in = now, RETRY_MIN
     else:  # a try that failed: say why, once per try, and wait longer before the next
-        if link.lost_at is not None or link.why != why:
+        if link.lost_at is not None and link.why != why:  # (at start, main() says why)
             link.log(f"NATS link to {link.where}: {why}; trying again in {link.retry_in:g} s")
         link.retry_in = min(link.retry_in * 2, RETRY_MAX)
     if link.sock:
@@ -399,7 +401,8 @@ def format_addr(host, port):
 
 def describe(err):
     """An OSError in a few lower-case words: "connection refused"."""
-    return shown(getattr(err, "strerror", None) or str(err)).lower()
+    strerror = getattr(err, "strerror", None)
+    return shown(strerror.lower() if strerror else str(err))
 
 
 def shown(text):

@@ -210,9 +210,9 @@ class Proc:
 class Server(Proc):
     """A server started on --port 0; .port is the port it reports."""
 
-    def __init__(self, test, script, *args, preexec_fn=None, stderr=None, windows=False):
+    def __init__(self, test, script, *args, preexec_fn=None, stderr=None, windows=False, env=None):
         super().__init__(test, script, "--port", "0", *args, preexec_fn=preexec_fn, stderr=stderr,
-                         windows=windows)
+                         windows=windows, env=env and {**os.environ, **env})
         self.expect("\n")
         match = LISTENING.fullmatch(self.output.split("\n")[0])
         test.assertTrue(match, f"unexpected first line: {self.output!r}")
@@ -1082,6 +1082,48 @@ class ChatServerTest(unittest.TestCase):
         self.assertIn("dropped: too slow", self.server.stderr())
         self.assertLess(peak_rss_mb(self.server.pid), 80)
 
+    def test_a_reader_that_drips_is_dropped_however_it_spreads_its_reads(self):
+        # A reader with a tiny receive buffer that takes 4 KiB every 0.3 s: it makes
+        # progress long before each deadline, and still holds the room back nearly all the
+        # time. Its stall budget (1 s here) is spent all the same, and the others get all.
+        server = Server(self, "chat_server.py", "--stall-budget", "1")
+        alice, bob = self.join(server), self.join(server)
+        drip = a_small_receive_buffer()
+        self.addCleanup(drip.close)
+        drip.connect(("127.0.0.1", server.port))
+        self.assertEqual(bob.line(), b"* a user joined (3 online)")
+        lines = b"".join(b"%06d " % n + b"d" * 992 + b"\n" for n in range(8000))  # 8 MB
+        alice.sock.setblocking(False)
+        bob.sock.setblocking(False)
+        drip.setblocking(False)
+        sent, got, next_drip = 0, bytearray(), time.monotonic()
+        end = time.monotonic() + 2 * WAIT
+        while "dropped: too slow" not in server.stderr():
+            self.assertLess(time.monotonic(), end, "the dripping reader was never dropped")
+            readable, writable, _ = select.select([bob.sock], [alice.sock] if sent < len(lines) else [],
+                                                  [], 0.05)
+            if writable:
+                sent += alice.sock.send(lines[sent:sent + 64 * 1024])
+            if readable:
+                got += bob.sock.recv(1 << 20)
+            if time.monotonic() >= next_drip:  # 4 KiB, long before each deadline
+                next_drip += 0.3
+                try:
+                    drip.recv(4096)
+                except BlockingIOError:
+                    pass
+        self.assertEqual(server.stderr().count("dropped"), 1)  # the dripper, and no one else
+        left = b"* a user left (2 online)\n"
+        end = time.monotonic() + 2 * WAIT
+        while len(got) < len(lines) + len(left):  # the rest of the lines, as fast as bob reads
+            self.assertLess(time.monotonic(), end, f"bob has {len(got)} of {len(lines)} bytes")
+            readable, writable, _ = select.select([bob.sock], [alice.sock] if sent < len(lines) else [], [], 1)
+            if writable:
+                sent += alice.sock.send(lines[sent:sent + 64 * 1024])
+            if readable:
+                got += bob.sock.recv(1 << 20)
+        self.assertEqual(bytes(got).replace(left, b"", 1), lines)  # every line, once, in order
+
     def test_one_client_flooding_gets_no_reader_dropped_and_every_line_arrives(self):
         # One client sends lines as fast as TCP takes them, for 1.5 s. Four real chat
         # clients read them and print each one, at the pace a chat client reads.
@@ -1703,11 +1745,11 @@ NATS_SERVER = shutil.which("nats-server") or shutil.which("nats-server", path="/
 HOSTNAME = socket.gethostname()
 
 
-def start_nats(test, port=None):
-    """A real nats-server on 127.0.0.1 (on port, or a free one); returns (Popen, port)
-    once it takes connections."""
+def start_nats(test, port=None, args=()):
+    """A real nats-server on 127.0.0.1 (on port, or a free one), with args; returns
+    (Popen, port) once it takes connections."""
     port = port or free_port()
-    nats = subprocess.Popen([NATS_SERVER, "-a", "127.0.0.1", "-p", str(port)],
+    nats = subprocess.Popen([NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     test.addCleanup(stop_nats, nats)
@@ -1732,12 +1774,12 @@ class FakeNats:
     """Just enough of a NATS server to test the link: it greets with INFO, takes the
     CONNECT, SUB and PING, and answers PONG. Then the test plays NATS by hand."""
 
-    def __init__(self, test, max_payload=1024 * 1024):
+    def __init__(self, test, max_payload=1024 * 1024, info=None):
         self.listener = socket.create_server(("127.0.0.1", 0))
         test.addCleanup(self.listener.close)
         self.listener.settimeout(WAIT)
         self.port = self.listener.getsockname()[1]
-        self.max_payload = max_payload
+        self.info = info or b'INFO {"server_id":"fake","proto":1,"max_payload":%d}\r\n' % max_payload
         self.test = test
 
     def greet(self):
@@ -1745,7 +1787,7 @@ class FakeNats:
         conn, _ = self.listener.accept()
         self.test.addCleanup(conn.close)
         conn.settimeout(WAIT)
-        conn.sendall(b'INFO {"server_id":"fake","proto":1,"max_payload":%d}\r\n' % self.max_payload)
+        conn.sendall(self.info)
         said = bytearray()
         while not said.endswith(b"PING\r\n"):
             data = conn.recv(65536)
@@ -1946,6 +1988,83 @@ class NatsLinkTest(unittest.TestCase):
         fake.greet()  # it links again
         server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} is back")
         self.assertLess(peak_rss_mb(server.pid), 60)
+
+    # NATS is a trust boundary: anyone who can publish on the subject is a peer, and what
+    # arrives gets a client's rules.
+
+    def test_what_arrives_from_nats_is_whole_lines_within_the_line_limit_never_glued(self):
+        fake = FakeNats(self)
+        server, conn, _ = fake.linked_server()
+        ann = Peer(self, server.port)
+        self.assertEqual(ann.line(), WELCOME)
+        longest = b"B" * 4096
+        payload = (b"Bob: one\n" + b"x" * 4097 + b"\n" + longest + b"\n\n"
+                   + b"* a user left (0 online)\x1b[2J without its end")
+        conn.sendall(b"MSG chatroom 1 %d\r\n%s\r\n" % (len(payload), payload))
+        conn.sendall(b"MSG chatroom 1 9\r\nBob: two\n\r\n")
+        self.assertEqual(ann.line(), b"Bob: one")
+        self.assertEqual(ann.line(), longest)  # 4096 bytes pass intact
+        self.assertEqual(ann.line(), b"Bob: two")  # the tail was dropped, not glued to this
+        server.wait_for_log(f"NATS at 127.0.0.1:{fake.port}: dropped 1 line(s) over 4096 bytes, "
+                            "and a line without its end")
+
+    def test_a_msg_over_our_own_cap_is_refused_before_its_bytes_whatever_info_claims(self):
+        fake = FakeNats(self, max_payload=10 ** 12)  # a broker that claims a terabyte
+        server, conn, _ = fake.linked_server()
+        ann = Peer(self, server.port)
+        self.assertEqual(ann.line(), WELCOME)
+        conn.sendall(b"MSG chatroom 1 1048576\r\n" + b"Mallory: flood\n" * 1000)
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost: NATS sent a bad MSG line")
+        fake.greet()  # it links again, and the room is as it was
+        ann.send(b"Ann: still here\n")
+        bob = Peer(self, server.port)
+        self.assertEqual(bob.line(), WELCOME)
+        self.assertLess(peak_rss_mb(server.pid), 60) if resource else None
+
+    def test_a_hostile_info_is_refused_in_one_clean_line(self):
+        for info in (b'INFO {"max_payload": 1e999}\r\n', b"INFO [1]\r\n",
+                     b"INFO " + b"[" * 8000 + b"]" * 8000 + b"\r\n",
+                     b'INFO {"max_payload": "x\x1b[2J"}\r\n'):
+            with self.subTest(info=info[:30]):
+                fake = FakeNats(self, info=info)
+                server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{fake.port}")
+                conn, _ = fake.listener.accept()
+                self.addCleanup(conn.close)
+                conn.sendall(fake.info)
+                self.assertEqual(server.wait(), 1)
+                error = server.stderr()
+                self.assertEqual(error.count("\n"), 1, error)
+                self.assertIn(f"error: cannot link to NATS at 127.0.0.1:{fake.port}: NATS sent a bad INFO", error)
+                self.assertNotIn("\x1b", error)
+                no_traceback(self, error)
+
+    def test_err_text_from_nats_reaches_the_log_harmlessly(self):
+        fake = FakeNats(self)
+        server, conn, _ = fake.linked_server()
+        conn.sendall(b"-ERR 'bad\x1b[2J\x07\xe2\x80\xae text'\r\n")
+        server.wait_for_log("says: 'bad\\x1b[2J\\x07\\u202e text'")
+        self.assertNotIn("\x1b", server.stderr())
+
+    @unittest.skipUnless(NATS_SERVER, "needs nats-server (Debian: apt install nats-server)")
+    def test_credentials_in_the_url_or_the_environment_and_a_refusal_that_says_so(self):
+        for auth, address, env in (
+                (["--user", "ann", "--pass", "s3cret-pw"], "nats://ann:s3cret-pw@127.0.0.1:{port}", {}),
+                (["--auth", "t0ken-xyz"], "nats://t0ken-xyz@127.0.0.1:{port}", {}),
+                (["--auth", "t0ken-xyz"], "127.0.0.1:{port}", {"NATS_TOKEN": "t0ken-xyz"})):
+            with self.subTest(auth=auth[0], address=address, env=sorted(env)):
+                _, port = start_nats(self, args=auth)
+                server = Server(self, "chat_server.py", "--nats", address.format(port=port), env=env)
+                server.wait_for_log(f"linked to NATS at 127.0.0.1:{port}")
+                self.assertNotIn("s3cret", server.stderr() + server.output)
+                self.assertNotIn("t0ken", server.stderr() + server.output)
+        _, port = start_nats(self, args=["--user", "ann", "--pass", "s3cret-pw"])
+        refused = Proc(self, "chat_server.py", "--port", "0", "--nats",
+                       f"nats://ann:wrong-pw@127.0.0.1:{port}")
+        self.assertEqual(refused.wait(), 1)
+        error = refused.stderr()
+        self.assertEqual(error.count("\n"), 1, error)
+        self.assertIn(f"error: cannot link to NATS at 127.0.0.1:{port}: authorization failed", error)
+        self.assertNotIn("wrong-pw", error)
 
 
 # ---------------------------------------------------------------------------------------
