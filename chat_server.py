@@ -55,6 +55,21 @@ class Server:
         self.peers = []             # step 5: other servers' rooms joined to ours (nats_link.py)
 
 
+def open_listener(host, port):
+    """The listening socket, made non-blocking like every socket the loop serves. A
+    blocking call (accept, recv, send) waits until it can do its job, and while it waits
+    for one client, the loop serves nobody else. A non-blocking call does what it can now
+    or raises BlockingIOError, and select() does the waiting, for all sockets at once."""
+    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
+    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
+    if os.name != "nt":  # bind again at once after a restart, while old connections linger
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
+    listener.bind(addr)         # claim the address and port: fails if another server has it
+    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
+    listener.setblocking(False)
+    return listener
+
+
 def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
     clients = server.clients        # socket -> Client
@@ -221,19 +236,6 @@ def online(server):
 # select() and of the process's descriptors, surviving a failed accept(), a bound on what
 # the kernel holds for a client that stops reading, the command line, and loading step 5.
 
-
-def open_listener(host, port):
-    """The listening socket, non-blocking like every socket the loop serves (see step 1)."""
-    family, addr = resolve(host, port)  # IPv4 or IPv6: see below
-    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
-    if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
-    listener.bind(addr)         # claim the address and port: fails if another server has it
-    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
-    listener.setblocking(False)
-    return listener
-
-
 ACCEPT_BATCH = 16           # connections accepted per turn at most: see accept_waiting()
 ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
 FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see seat_free()
@@ -242,10 +244,10 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 # client that does not read: that much of the host's memory for each such client. We
 # set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 64 * 1024
+log_lost = 0                # log lines that stderr could not take: see log()
 SERVER_FULL = b"error: server full, try again later\n"
 REFILL = 0.2                # stall budget earned back each second a reader keeps up
 PAYBACK = 0.1 / BEHIND      # ... and for each byte it takes: 0.1 s per 64 KiB
-log_lost = 0                # log lines that stderr could not take: see log()
 
 
 def log(message):
@@ -439,8 +441,6 @@ def main(argv=None):
             pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
-        for peer in server.peers:
-            log(f"linked to NATS at {peer.where}, as {peer.server_name}")
         serve(server)
     except KeyboardInterrupt:
         log("shutting down")  # the system closes every client's socket as we exit
@@ -451,21 +451,17 @@ def main(argv=None):
 
 
 def join_nats(server, address):
-    """Step 5: link this server's room to every other room on the NATS server at address,
-    through nats_link.py, a module of its own beside this file (loaded only now, so this
-    file runs steps 1 to 4 alone). False, after saying why on stderr, if there is no link."""
+    """Step 5: link this room with every room on the NATS server at address. The code is
+    in nats_link.py beside this file, loaded only now: copied alone, this file runs steps
+    1 to 4. False, after saying why on stderr, if there is no link."""
     try:
         import nats_link
     except ImportError as err:
         print(f"error: --nats needs nats_link.py beside chat_server.py ({err})", file=sys.stderr)
         return False
-    name = f"{socket.gethostname()}:{server.listener.getsockname()[1]}"
-    rules = {rule: globals()[rule] for rule in ("RECV_SIZE", "LINE_LIMIT", "BEHIND", "REFILL", "PAYBACK")}
-    rules["STALL_BUDGET"] = server.settings.stall_budget
-    peer = nats_link.open_link(address, name, rules, log=log,
-                               relay=lambda data, sender: broadcast(data, server, sender))
-    server.peers += [peer] if peer else []
-    return bool(peer)
+    rules = dict(RECV_SIZE=RECV_SIZE, LINE_LIMIT=LINE_LIMIT, BEHIND=BEHIND, REFILL=REFILL,
+                 PAYBACK=PAYBACK, STALL_BUDGET=server.settings.stall_budget)
+    return nats_link.join(server, address, rules, broadcast, log)
 
 
 if __name__ == "__main__":

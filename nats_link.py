@@ -4,19 +4,18 @@ Run it:      nats-server -a 127.0.0.1 -p 4222                (Debian: apt instal
              python chat_server.py --port 7001 --nats localhost:4222
              python chat_server.py --port 7002 --nats localhost:4222
 
-chat_server.py loads this module only for --nats, and hands it what it needs: a way to
-relay lines to its own clients (its broadcast()), its log, and the room's rules. Each
+chat_server.py loads this module only for --nats, and hands it what it needs: its Server,
+its broadcast() (to relay lines to its own clients), its log, and the room's rules. Each
 server publishes what its clients say on the subject "chatroom", and relays to its own
 clients what the others publish. The link is one more socket in the same select() loop:
-chat_server.py's serve() calls add_sockets() before select() and serve_ready() after, broadcast()
-calls publish(), and room_is_waiting() asks behind().
+serve() calls add_sockets() before select() and serve_ready() after it, broadcast() calls
+publish(), and room_is_waiting() asks behind().
 
-Read first: the class NatsLink, in the order of a turn: add_sockets(), serve_ready(),
-publish(), then handle_input(), which acts on what NATS
-sends. NATS speaks lines of text. It greets us with INFO {...}; we answer CONNECT {...}
-("echo": false: it never hands us back our own lines), SUB chatroom 1, and PING; its PONG
-says we are in. We send PUB chatroom N, then N bytes; the others' lines come to us as
-MSG chatroom 1 N, then N bytes. NATS sends PING now and then, and we answer PONG.
+Read first: the class NatsLink, in the order one turn meets it, down to "The fine print".
+NATS speaks lines of text. It greets us with INFO {...}; we answer CONNECT {...} ("echo":
+false: it never hands us back our own lines), SUB chatroom 1, and PING, and its PONG says
+we are in. We send PUB chatroom N, then N bytes; the others' lines come to us as MSG
+chatroom 1 N, then N bytes (handle_input()). NATS sends PING now and then; we answer PONG.
 
 A peer server is as untrusted as a client: anyone who can publish on the subject is one.
 What comes from NATS gets a client's rules: whole lines only, each within the line limit,
@@ -37,7 +36,10 @@ import unicodedata
 import urllib.parse
 
 SUBJECT = "chatroom"        # where the linked servers publish their lines
-MAX_PAYLOAD = 64 * 1024     # our cap on one message, both ways (see take_in())
+# Our cap on one message, both ways. The link is read only while no reader has more than
+# 64 KiB unsent (the room's flood rule), so one message more leaves every reader far below
+# the 256 KiB that gets it dropped. A MSG announcing more is refused before it is read.
+MAX_PAYLOAD = 64 * 1024
 GREETING_TIMEOUT = 5.0      # seconds for all of connect, INFO and PONG
 RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again, doubling
 PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
@@ -164,20 +166,21 @@ class NatsLink:
 # harmlessly.
 
 PROTOCOL_LINE_LIMIT = 16 * 1024  # no line of NATS's protocol (INFO included) is longer
-FD_SETSIZE = 512 if os.name == "nt" else 1024
 
 
-def open_link(address, server_name, rules, log, relay):
-    """Parse address, link to NATS now, and return the NatsLink; or None, after saying on
-    stderr why there is none. The first greeting waits (GREETING_TIMEOUT at most): the
-    server does not start without its link. Later ones happen inside the loop."""
+def join(server, address, rules, broadcast, log):
+    """Link server's room (chat_server.py's Server) to NATS at address, now, waiting for
+    the greeting (GREETING_TIMEOUT at most): the server does not start without its link.
+    True once linked; False after saying on stderr why there is no link."""
     try:
         host, port, credentials = parse_address(address)
     except ValueError as err:  # (what is before an "@" may be a secret: not shown)
         print(f"error: --nats {shown(re.sub(r'//[^/]*@', '//...@', address))}: {err}",
               file=sys.stderr)
-        return None
-    peer = NatsLink((host, port, credentials), server_name, rules, log, relay)
+        return False
+    name = f"{socket.gethostname()}:{server.listener.getsockname()[1]}"
+    peer = NatsLink((host, port, credentials), name, rules, log,
+                    relay=lambda data, sender: broadcast(data, server, sender))
     try:
         greet_now(peer)
     except (socket.gaierror, UnicodeError):
@@ -191,8 +194,10 @@ def open_link(address, server_name, rules, log, relay):
     except OSError as err:
         print(f"error: cannot link to NATS at {peer.where}: {describe(err)}", file=sys.stderr)
     else:
-        return peer
-    return None
+        server.peers.append(peer)
+        log(f"linked to NATS at {peer.where}, as {name}")
+        return True
+    return False
 
 
 def parse_address(address):
