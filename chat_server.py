@@ -25,7 +25,7 @@ LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer on
 BEHIND = 64 * 1024          # a reader with more unsent than this holds the room back
 STALL_BUDGET = 2.0          # seconds of holding the room back that get a reader dropped
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
-TICK = 0.5                  # select() returns at least this often: see main()
+TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
 WELCOME = b"Welcome to the chatroom!\n"
 LINE_TOO_LONG = f"error: line too long (limit {LINE_LIMIT} bytes)\n".encode()
 
@@ -85,9 +85,9 @@ def serve(server):
         for peer in server.peers:  # step 5: another server's room, over a socket of its own
             peer.add_sockets(want_read, want_write, bool(server.waited_for))
 
-        # The one place we wait. Writable means the kernel's send buffer has room, not that
-        # data arrived. We don't use the third list (TCP urgent data).
-        readable, writable, _ = select.select(want_read, want_write, [], TICK)
+        # The one place we wait: until a socket is ready or a timer is due. Writable means the
+        # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
+        readable, writable, _ = select.select(want_read, want_write, [], time_to_next_timer(server))
         for sock in readable:
             if sock is server.listener:
                 accept_clients(server)
@@ -114,6 +114,16 @@ def room_is_waiting(server):
     server.waited_for += [peer for peer in server.peers if peer.behind()]
     server.turn_began = time.monotonic()
     return bool(server.waited_for)
+
+
+def time_to_next_timer(server):
+    """How long select() may wait: until a reader the room waits for runs out of its stall
+    budget, a client that has left runs out of --drain-timeout, or accept() may be tried
+    again; TICK at most, so a Ctrl-C is never missed for long."""
+    now, timers = time.monotonic(), [server.accept_paused_until]
+    timers += [now + server.settings.stall_budget - c.stalled for c in server.waited_for]
+    timers += [c.last_sent + server.settings.drain_timeout for c in server.clients.values() if c.closing]
+    return min([TICK] + [t - now for t in timers if t > now])
 
 
 def accept_clients(server):
@@ -428,7 +438,7 @@ def main(argv=None):
         return 1
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
     # (the terminal went away) do the same. A signal that lands just before select() starts
-    # to wait is seen only when select() returns: that is what TICK is for.
+    # to wait is seen only when select() returns: TICK bounds that wait.
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):  # Windows has no SIGHUP
             signal.signal(getattr(signal, name), signal.default_int_handler)

@@ -22,7 +22,7 @@ DEFAULT_PORT = 7007         # the challenge's port
 RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: bench/README.md)
 PAUSE_READING_AT = 256 * 1024  # a client with this much unsent echo is not read until it drains
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
-TICK = 0.5                  # select() returns at least this often: see main()
+TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
 
 
 class Client:
@@ -73,9 +73,9 @@ def serve(server):
                       if not c.closing and len(c.outbuf) < PAUSE_READING_AT]
         want_write = [c.sock for c in clients.values() if c.outbuf]
 
-        # The one place we wait. Writable means the kernel's send buffer has room, not that
-        # data arrived. We don't use the third list (TCP urgent data).
-        readable, _, _ = select.select(want_read, want_write, [], TICK)
+        # The one place we wait: until a socket is ready or a timer is due. Writable means the
+        # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
+        readable, _, _ = select.select(want_read, want_write, [], time_to_next_timer(server))
         for sock in readable:
             if sock is server.listener:
                 accept_clients(server)
@@ -87,6 +87,14 @@ def serve(server):
             if client.outbuf:
                 write_to(client, server)
         close_stalled_leavers(server)
+
+
+def time_to_next_timer(server):
+    """How long select() may wait: until a client that has left runs out of --drain-timeout,
+    or accept() may be tried again; TICK at most, so a Ctrl-C is never missed for long."""
+    now, timers = time.monotonic(), [server.accept_paused_until]
+    timers += [c.last_sent + server.settings.drain_timeout for c in server.clients.values() if c.closing]
+    return min([TICK] + [t - now for t in timers if t > now])
 
 
 def accept_clients(server):
@@ -318,7 +326,7 @@ def main(argv=None):
         return 1
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
     # (the terminal went away) do the same. A signal that lands just before select() starts
-    # to wait is seen only when select() returns: that is what TICK is for.
+    # to wait is seen only when select() returns: TICK bounds that wait.
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):  # Windows has no SIGHUP
             signal.signal(getattr(signal, name), signal.default_int_handler)
