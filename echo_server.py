@@ -3,11 +3,9 @@
 
 Run it:      python echo_server.py        then, in another terminal: nc localhost 7007
 
-Every byte a client sends comes back to that client, unchanged and in order. One loop
-serves everyone: select.select() says which sockets are ready and we touch only those,
-so no client ever waits on another. It shows non-blocking sockets, an output buffer per
-client, backpressure and half-close. Left out: idle timeouts, UDP (RFC 862 has it), TLS,
-and what a real server needs besides the lesson: that comes after "The fine print".
+Every byte a client sends comes back to it, unchanged and in order. One loop serves
+everyone: select.select() says which sockets are ready, and we touch only those. Left
+out: idle timeouts, UDP (RFC 862 has it), TLS, and what comes after "The fine print".
 """
 import argparse
 import errno
@@ -37,12 +35,11 @@ class Client:
 
 
 class Server:
-    """Everything the loop keeps, in one place: the listener, the command line's settings,
-    every open connection, and when accept() may be tried again after it failed."""
+    """Everything the loop keeps, in one place."""
 
     def __init__(self, listener, settings):
-        self.listener, self.settings, self.clients = listener, settings, {}
-        self.accept_paused_until = 0.0
+        self.listener, self.settings, self.clients = listener, settings, {}  # socket -> Client
+        self.accept_paused_until = 0.0  # accept() failed for want of descriptors: wait
 
 
 def open_listener(host, port):
@@ -62,7 +59,7 @@ def open_listener(host, port):
 
 def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
-    clients = server.clients        # socket -> Client
+    clients = server.clients
     while True:
         # Ask only for what we can act on. The listener: not just after accept() failed for
         # want of descriptors (we would spin). A client: not while its echo piles up (TCP
@@ -154,6 +151,7 @@ def drop_client(client, server, why):
     del server.clients[client.sock]
     client.sock.close()
     log(f"{client.addr} {why} ({len(server.clients)} online)")
+
 
 # The fine print ------------------------------------------------------------------------
 # What a real server needs besides the lesson: a log that never stops it, the limits of
