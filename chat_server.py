@@ -451,6 +451,8 @@ def main(argv=None):
             pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
+        for peer in server.peers:  # step 5
+            log(f"linked to NATS at {peer.where}, as {peer.server_name}")
         serve(server)
     except KeyboardInterrupt:
         log("shutting down")  # the system closes every client's socket as we exit

@@ -195,7 +195,6 @@ def join(server, address, rules, broadcast, log):
         print(f"error: cannot link to NATS at {peer.where}: {describe(err)}", file=sys.stderr)
     else:
         server.peers.append(peer)
-        log(f"linked to NATS at {peer.where}, as {name}")
         return True
     return False
 
