@@ -41,6 +41,7 @@ class Client:
         self.closing = False        # it has left: close once outbuf is sent
         self.last_sent = time.monotonic()  # when send() last took some of outbuf
         self.stalled = 0.0          # seconds of its stall budget spent: see drop_slow_readers()
+        self.taken = 0              # bytes send() took this turn
 
 
 class Server:
@@ -201,18 +202,19 @@ def write_to(client, server):
         return
     del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
     client.last_sent = time.monotonic()
-    client.stalled = max(0.0, client.stalled - sent * PAYBACK)  # a reader that reads pays
+    client.taken += sent  # (it pays for the room's wait: see drop_slow_readers())
     if client.closing and not client.outbuf:
         drop_client(client, server, "disconnected")
 
 
 def drop_slow_readers(server):
-    """Slow readers. Each second the room waits for a reader costs it a second of its
-    stall budget; it earns it back by reading (0.1 s per 64 KiB taken) and by keeping up
-    (0.2 s a second). Past --stall-budget (2 s) it is dropped, however it spreads its
-    reads: one reader holds the room back 2 s in any 10 s at most. Past OUTBUF_LIMIT it is
-    dropped at once. A client that has left is closed after --drain-timeout (10 s) in
-    which it took nothing: otherwise it could keep its seat for ever."""
+    """Slow readers. While the room waits for a reader, the reader must read: each 64 KiB
+    it takes pays for 0.1 s of waiting. What it does not pay for is charged to its stall
+    budget (--stall-budget, 2 s), which refills by 0.2 s a second while the room does not
+    wait for it. Spent, the reader is dropped, however it spreads its reads: so one reader
+    holds the room back 2 s at once at most, or one second in six over time, unless it
+    reads 640 KiB a second. Past OUTBUF_LIMIT it is dropped at once. One that has left is
+    closed after --drain-timeout (10 s) in which it took nothing."""
     limit = server.settings.drain_timeout
     for client in list(server.clients.values()):
         if over_stall_budget(client, server) or len(client.outbuf) > OUTBUF_LIMIT:
@@ -256,8 +258,8 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 SNDBUF = 64 * 1024
 log_lost = 0                # log lines that stderr could not take: see log()
 SERVER_FULL = b"error: server full, try again later\n"
-REFILL = 0.2                # stall budget earned back each second a reader keeps up
-PAYBACK = 0.1 / BEHIND      # ... and for each byte it takes: 0.1 s per 64 KiB
+PAYBACK = 0.1 / BEHIND      # seconds of the room's wait one byte read pays for: 0.1 per 64 KiB
+REFILL = 0.2                # stall budget earned back each second the room does not wait
 
 
 def log(message):
@@ -345,11 +347,14 @@ def set_socket_options(sock):
 
 
 def over_stall_budget(client, server):
-    """Spend or earn back client's stall budget for the turn that just ended (the rule is
-    drop_slow_readers()'s); True once it is spent."""
+    """Charge or refill client's stall budget for the turn that just ended, by the rule of
+    drop_slow_readers(); True once it is spent."""
     waited = time.monotonic() - server.turn_began
-    earned = -waited if client in server.waited_for else waited * REFILL
-    client.stalled = max(0.0, client.stalled - earned)
+    if client in server.waited_for:  # what it did not pay for by reading is charged
+        client.stalled += max(0.0, waited - client.taken * PAYBACK)
+    else:
+        client.stalled = max(0.0, client.stalled - waited * REFILL)
+    client.taken = 0
     return client.stalled > server.settings.stall_budget
 
 

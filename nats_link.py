@@ -62,6 +62,7 @@ class NatsLink:
         self.max_payload = MAX_PAYLOAD  # the smaller of ours and NATS's (INFO says)
         self.pings = 0                  # PINGs of ours not answered yet
         self.stalled = 0.0              # seconds of stall budget spent, as for a reader
+        self.taken = 0                  # bytes NATS took this turn
         self.waited_for = False         # whether the room waits for us this turn
         self.last_turn = time.monotonic()
         self.lost_at = None             # when the link went down, while it is down
@@ -298,7 +299,7 @@ def write_to_nats(link):
     except OSError as err:
         return drop_link(link, describe(err))
     del link.outbuf[:sent]
-    link.stalled = max(0.0, link.stalled - sent * link.rules["PAYBACK"])
+    link.taken += sent
 
 def obey(link, op, line):
     """A protocol line that is not a MSG. False if the link was dropped."""
@@ -351,8 +352,11 @@ def link_up(link):
 def check_health(link, now):
     """The stall budget of a reader (chat_server.py's drop_slow_readers()), and PINGs."""
     waited = now - link.last_turn
-    earned = -waited if link.waited_for else waited * link.rules["REFILL"]
-    link.stalled = max(0.0, link.stalled - earned)
+    if link.waited_for:  # as for a reader: what NATS did not pay for by reading is charged
+        link.stalled += max(0.0, waited - link.taken * link.rules["PAYBACK"])
+    else:
+        link.stalled = max(0.0, link.stalled - waited * link.rules["REFILL"])
+    link.taken = 0
     if link.stalled > link.rules["STALL_BUDGET"]:
         return drop_link(link, f"it held the room back for {link.rules['STALL_BUDGET']:g} s")
     if now >= link.next_ping:

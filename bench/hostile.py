@@ -6,14 +6,21 @@
 
 For each server command and each case, a fresh server on a free loopback port gets four
 readers and one sender that sends a timestamped 100-byte line every 10 ms; the readers
-report how long each line took to reach them (p50, p99, max), how many arrived, and who
-was dropped. The cases:
+report how long each line took to reach them (p50, p99, max), how many arrived, how many
+readers lost their connection, and how many clients the server dropped as too slow.
 
-  quiet    nobody hostile.
-  empty    a client that sends nothing but "\\n", as fast as the server takes it.
+  quiet    nobody else.
+  busy     and a client that sends 100 KB/s of chatter (1,000-byte lines).
+  drip     busy, and a reader with a 4 KiB receive buffer that reads 64 KiB just before
+           every 1.9 s: it falls behind and holds the room back, making a little progress
+           before each 2 s. The figures count from its 10th second on.
+  flood    and a client that sends chatter as fast as the server takes it.
+  burst    flood, and a reader with a 1 MiB receive buffer that empties it once a second.
+           The figures count from its 10th second on.
+  empty    and a client that sends nothing but "\\n", as fast as the server takes it.
 
-A reader that drips (reads a little before each deadline) is tested in test_chat.py,
-with a short --stall-budget. Every loop here is bounded in time; all traffic stays on 127.0.0.1.
+test_chat.py tests readers that drip and read in bursts with a short --stall-budget.
+Every loop here is bounded in time; all traffic stays on 127.0.0.1.
 """
 import argparse
 import os
@@ -57,36 +64,71 @@ def run_case(command, case, seconds):
     try:
         readers = [connect(port) for _ in range(4)]
         sender = connect(port)
-        attacker = connect(port) if case == "empty" else None
+        chatter = connect(port) if case in ("busy", "drip", "flood", "burst") else None
+        attacker = {"empty": lambda: connect(port), "drip": lambda: connect(port, rcvbuf=4096),
+                    "burst": lambda: connect(port, rcvbuf=1 << 20)}.get(case, lambda: None)()
         time.sleep(0.2)
         bufs = {r: bytearray() for r in readers}
         delays, closed = [], set()
         start_at = time.monotonic()
-        measure_from = start_at + 1
+        measure_from = start_at + (10 if case in ("drip", "burst") else 1)
         end = measure_from + seconds
-        next_line = start_at
-        pending = bytearray()
-        flood = b"\n" * 65536
+        next_line = next_read = start_at
+        pending, chat_out = bytearray(), bytearray()
+        empty = b"\n" * 65536
+        chat_line = b"chatter " + b"c" * 991 + b"\n"
         while time.monotonic() < end:
             now = time.monotonic()
             if now >= next_line and not pending:
                 pending += b"T %.6f " % time.monotonic() + b"y" * 80 + b"\n"
+                if case in ("busy", "drip"):  # and 1,000 bytes of chatter: 100 KB/s
+                    chat_out += chat_line
                 next_line += 0.01
+            if case in ("flood", "burst") and len(chat_out) < 1 << 20:
+                chat_out += chat_line * 64  # as fast as the server takes it
             want_write = [sender] if pending else []
+            if chat_out:
+                want_write.append(chatter)
             if case == "empty" and attacker not in closed:
                 want_write.append(attacker)
-            r, w, _ = select.select([x for x in readers if x not in closed], want_write, [], 0.005)
-            if sender in w:
-                try:
-                    del pending[:sender.send(pending)]
-                except BlockingIOError:
-                    pass
+            talkers = [x for x in (sender, chatter) if x and x not in closed]
+            r, w, _ = select.select([x for x in readers if x not in closed] + talkers,
+                                    want_write, [], 0.005)
+            for sock, out in ((sender, pending), (chatter, chat_out)):
+                if sock in w:
+                    try:
+                        del out[:sock.send(out)]
+                    except BlockingIOError:
+                        pass
+                    except ConnectionError:
+                        closed.add(sock)
+                        out.clear()
             if attacker in w:
                 try:
-                    attacker.send(flood)
+                    attacker.send(empty)
                 except (BlockingIOError, ConnectionError):
                     pass
+            if case in ("drip", "burst") and now >= next_read and attacker not in closed:
+                next_read += 1.9 if case == "drip" else 1.0  # a few KiB before each 2 s; or 1 MiB a second
+                try:
+                    want = 64 * 1024 if case == "drip" else 1 << 20
+                    while want > 0:
+                        data = attacker.recv(want)
+                        if not data:
+                            closed.add(attacker)
+                            break
+                        want -= len(data)
+                except BlockingIOError:
+                    pass
+                except ConnectionError:
+                    closed.add(attacker)
             for sock in r:
+                if sock in talkers:  # the senders read too, and throw it away
+                    try:
+                        sock.recv(1 << 20)
+                    except (BlockingIOError, ConnectionError):
+                        pass
+                    continue
                 try:
                     data = sock.recv(1 << 20)
                 except ConnectionError:
@@ -111,14 +153,13 @@ def run_case(command, case, seconds):
         except subprocess.TimeoutExpired:
             proc.kill()
         err = proc.stderr.read().decode(errors="replace")
-        dropped = err.count("too slow")
-        run_case.last_dropped = dropped
+        run_case.last_dropped = err.count("too slow")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chat", action="append", help="server command with {port} (repeatable)")
-    parser.add_argument("--cases", default="quiet,empty")
+    parser.add_argument("--cases", default="quiet,busy,drip,flood,burst,empty")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring window per case")
     args = parser.parse_args()
     commands = args.chat or [DEFAULT]
