@@ -2463,21 +2463,26 @@ class ClassesSideBySide(unittest.TestSuite):
     def run(self, result, debug=False):
         waiting = sorted(self.classes.items(), key=lambda item: -len(item[1]))  # big ones first
         waiting.sort(key=lambda item: item[0].__name__ != "WindowsTest")  # Wine's start is slow
-        children = {}  # read end of a child's pipe -> (pid, its tests by id, unread bytes)
+        children = {}  # read end of a child's pipe -> (pid, its tests by id, unread bytes, events)
         while waiting or children:
             while waiting and len(children) < self.processes:
                 cls, tests = waiting.pop(0)
                 read_end, pid = self.fork(tests)
-                children[read_end] = (pid, {test.id(): test for test in tests}, bytearray())
+                children[read_end] = (pid, {test.id(): test for test in tests}, bytearray(), [])
             for fd in select.select(list(children), [], [])[0]:
-                pid, by_id, unread = children[fd]
+                pid, by_id, unread, events = children[fd]
                 data = os.read(fd, 1 << 16)
                 unread += data
                 *lines, rest = unread.split(b"\n")
                 unread[:] = rest
                 for line in lines:
-                    self.replay(result, by_id, *eval(line.decode()))  # a tuple we wrote: repr()
+                    events.append(eval(line.decode()))  # a tuple the child wrote with repr()
+                    if events[-1][0] == "stop":  # one test's events, told together
+                        self.replay(result, by_id, events)
+                        events.clear()
                 if not data:
+                    if events:
+                        self.replay(result, by_id, events + [("stop",) + events[-1][1:]])
                     os.close(fd)
                     os.waitpid(pid, 0)
                     del children[fd]
@@ -2498,31 +2503,30 @@ class ClassesSideBySide(unittest.TestSuite):
         return read_end, pid
 
     @staticmethod
-    def replay(result, by_id, outcome, test_id, description, text):
-        test = by_id.get(test_id) or Described(test_id, description)
-        subtest = Described(test_id, description)
-        if outcome == "start":
-            return  # told with its outcome, so that the lines of two classes do not mix
-        if outcome == "subtest":
-            try:
-                raise ChildFailure(text)
-            except ChildFailure:
-                result.addSubTest(test, subtest, sys.exc_info())
-            result.failures[-1:] = [(subtest, text)] if result.failures else []
-            return
-        result.startTest(test)
-        if outcome == "success":
-            result.addSuccess(test)
-        elif outcome == "skip":
-            result.addSkip(test, text)
-        elif outcome in ("failure", "error"):
-            try:
-                raise ChildFailure(text)
-            except ChildFailure:
-                (result.addFailure if outcome == "failure" else result.addError)(test, sys.exc_info())
-            listed = result.failures if outcome == "failure" else result.errors
-            listed[-1] = (test, text)  # the child's own traceback, as a plain run shows it
-        result.stopTest(test)
+    def replay(result, by_id, events):
+        """Hand one test's outcomes to unittest's result, as if it had run here."""
+        test_id = events[0][1]
+        test = by_id.get(test_id) or Described(test_id, events[0][2])
+        if test_id in by_id:  # (a class fixture's error is no test run)
+            result.startTest(test)
+        for outcome, _, description, text in events:
+            if outcome in ("failure", "error", "subtest"):
+                try:
+                    raise ChildFailure(text)
+                except ChildFailure:
+                    err = sys.exc_info()
+                if outcome == "subtest":
+                    result.addSubTest(test, Described(test_id, description), err)
+                else:
+                    (result.addFailure if outcome == "failure" else result.addError)(test, err)
+                listed = result.errors if outcome == "error" else result.failures
+                listed[-1] = (listed[-1][0], text)  # the child's own traceback, as a plain run shows it
+            elif outcome == "success":
+                result.addSuccess(test)
+            elif outcome == "skip":
+                result.addSkip(test, text)
+        if test_id in by_id:
+            result.stopTest(test)
 
 
 class ChildFailure(AssertionError):
@@ -2531,6 +2535,8 @@ class ChildFailure(AssertionError):
 
 class Described:
     """Stands for a test (a class fixture, a subtest) that only the child had."""
+
+    failureException = AssertionError
 
     def __init__(self, test_id, description):
         self._id, self.description = test_id, description
@@ -2552,8 +2558,11 @@ class Reporter(unittest.TestResult):
         super().__init__()
         self.fd = fd
 
-    def tell(self, outcome, test, text=""):
-        line = repr((outcome, test.id(), str(test), text)) + "\n"
+    def stopTest(self, test):
+        self.tell("stop", test)
+
+    def tell(self, outcome, test, text="", description=None):
+        line = repr((outcome, test.id(), description or str(test), text)) + "\n"
         data = line.encode()
         while data:
             data = data[os.write(self.fd, data):]
@@ -2569,10 +2578,12 @@ class Reporter(unittest.TestResult):
 
     def addError(self, test, err):
         self.tell("error", test, self._exc_info_to_string(err, test))
+        if isinstance(test, unittest.suite._ErrorHolder):  # a class fixture: no test to stop
+            self.tell("stop", test)
 
     def addSubTest(self, test, subtest, err):
         if err is not None:
-            self.tell("subtest", subtest, self._exc_info_to_string(err, subtest))
+            self.tell("subtest", test, self._exc_info_to_string(err, subtest), str(subtest))
         super().addSubTest(test, subtest, err)
 
     def addExpectedFailure(self, test, err):
