@@ -23,7 +23,7 @@ RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: benc
 OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
 BEHIND = 64 * 1024          # a reader with more unsent than this holds the room back
-STALL_BUDGET = 2.0          # seconds of holding the room back that get a reader dropped
+STALL_BUDGET = 2.0          # seconds a reader may hold the room back: see drop_slow_readers()
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
 WELCOME = b"Welcome to the chatroom!\n"
@@ -45,14 +45,13 @@ class Client:
 
 
 class Server:
-    """Everything the loop keeps, in one place: the listener, the command line's settings,
-    every open connection, and when accept() may be tried again after it failed."""
+    """Everything the loop keeps, in one place."""
 
     def __init__(self, listener, settings):
-        self.listener, self.settings, self.clients = listener, settings, {}
-        self.accept_paused_until = 0.0
-        self.waited_for = []        # the readers the room waits for this turn
-        self.turn_began = time.monotonic()
+        self.listener, self.settings, self.clients = listener, settings, {}  # socket -> Client
+        self.accept_paused_until = 0.0  # accept() failed for want of descriptors: wait
+        self.waited_for = []        # the readers the room waits for this turn ...
+        self.turn_began = time.monotonic()  # ... since this moment
         self.peers = []             # step 5: other servers' rooms joined to ours (nats_link.py)
 
 
@@ -73,7 +72,7 @@ def open_listener(host, port):
 
 def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
-    clients = server.clients        # socket -> Client
+    clients = server.clients
     while True:
         # Ask only for what we can act on. The listener: not just after accept() failed for
         # want of descriptors (we would spin). Clients: none while the room waits for a
