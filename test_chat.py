@@ -2001,6 +2001,24 @@ class CommandLineTest(unittest.TestCase):
                     self.assertRegex(result.stdout, rf"{name} \S+\s+\w")  # the option, then words
                 self.assertIn("7007", result.stdout)
 
+    def test_odd_values_on_a_servers_command_line_are_one_clear_line_never_a_traceback(self):
+        for script, args, status, words in (
+                ("echo_server.py", ["--host", "a..b"], 1, "error: cannot resolve host 'a..b'"),
+                ("chat_server.py", ["--host", "a..b"], 1, "error: cannot resolve host 'a..b'"),
+                ("echo_server.py", ["--drain-timeout", "nan"], 2, "--drain-timeout: must be a number"),
+                ("chat_server.py", ["--drain-timeout", "inf"], 2, "--drain-timeout: must be a number"),
+                ("chat_server.py", ["--stall-budget", "-1"], 2, "--stall-budget: must be a number"),
+                ("chat_server.py", ["--nats", "x:\u00b2"], 1, "error: --nats x:\u00b2: must be HOST:PORT"),
+                ("chat_server.py", ["--nats", "nats://ann:s3cret@:0"], 1, "error: --nats nats://...@:0")):
+            with self.subTest(script=script, args=args):
+                result = self.run_script(script, "--port", "0", *args)
+                self.assertEqual(result.returncode, status, result.stderr)
+                self.assertIn(words, result.stderr)
+                self.assertNotIn("s3cret", result.stderr)
+                no_traceback(self, result.stderr)
+                if status == 1:
+                    self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+
     def test_clients_say_when_the_host_does_not_resolve(self):
         for script, *args in (("echo_client.py",), ("chat_client.py", "--name", "J")):
             with self.subTest(script=script):
