@@ -1452,9 +1452,9 @@ class FakeNats:
         conn.sendall(b"PONG\r\n")
         return conn, bytes(said)
 
-    def linked_server(self):
+    def linked_server(self, *args):
         """A chat server linked to us: it greets us before it tells its port."""
-        server = Proc(self.test, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{self.port}")
+        server = Proc(self.test, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{self.port}", *args)
         conn, said = self.greet()
         server.expect("\n")
         server.port = int(LISTENING.fullmatch(server.output.split("\n")[0]).group(3))
@@ -1620,14 +1620,14 @@ class NatsLinkTest(unittest.TestCase):
     @needs_linux_limits
     def test_a_link_that_stops_reading_is_dropped_and_made_again_and_memory_stays_bounded(self):
         fake = FakeNats(self)
-        server, conn, _ = fake.linked_server()  # conn: we never read it again
+        server, conn, _ = fake.linked_server("--stall-budget", "0.5")  # conn: never read again
         ann, bob = Peer(self, server.port), Peer(self, server.port)
         for peer in (ann, bob):
             self.assertEqual(peer.line(), WELCOME)
         self.assertEqual(ann.line(), b"* a user joined (2 online)")
         # Ann talks on and on: 40 MB, far past what the kernel buffers for the link. The
-        # room waits for the link; after STALL_LIMIT (2 s) the link is dropped, and the
-        # room goes on. Bob gets every line, and the server's memory stays small.
+        # room waits for the link; once its stall budget (0.5 s here) is spent, the link is
+        # dropped, and the room goes on. Bob gets every line; the server's memory stays small.
         line = b"Ann: " + b"x" * 95 + b"\n"
         chunk = line * 10000  # 1 MB
         bob.sock.setblocking(False)
@@ -1642,7 +1642,7 @@ class NatsLinkTest(unittest.TestCase):
             if readable:
                 received += len(bob.sock.recv(1 << 20))
         self.assertEqual(received, len(view))
-        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost: it held the room back for 2 s")
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost: it held the room back for 0.5 s")
         fake.greet()  # it links again
         server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} is back")
         self.assertLess(peak_rss_mb(server.pid), 60)
