@@ -1696,6 +1696,22 @@ class NatsLinkTest(unittest.TestCase):
                 self.assertNotIn("\x1b", error)
                 no_traceback(self, error)
 
+    def test_a_greeting_that_drips_in_byte_by_byte_still_has_one_deadline(self):
+        fake = FakeNats(self)
+        started = time.monotonic()
+        server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{fake.port}")
+        conn, _ = fake.listener.accept()
+        self.addCleanup(conn.close)
+        for byte in fake.info:  # one byte every 0.2 s: each recv() gets something, in time
+            if server.popen.poll() is not None:
+                break
+            conn.sendall(bytes([byte]))
+            time.sleep(0.2)  # the pace of this hostile broker, not a wait for an event
+        self.assertEqual(server.wait(), 1)
+        self.assertLess(time.monotonic() - started, 5 + 2)  # the deadline is 5 s in all
+        self.assertEqual(server.stderr(), f"error: cannot link to NATS at 127.0.0.1:{fake.port}: "
+                                          "no greeting in 5 s (is it a NATS server?)\n")
+
     def test_err_text_from_nats_reaches_the_log_harmlessly(self):
         fake = FakeNats(self)
         server, conn, _ = fake.linked_server()
