@@ -1230,8 +1230,13 @@ class ChatServerTest(unittest.TestCase):
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_client_that_never_reads_is_dropped_and_the_others_get_everything(self):
-        alice, bob, stuck = self.room(3)  # stuck never reads again
-        lines = 30000  # 30 MB in lines of 1000 bytes
+        alice, bob = self.room(2)
+        stuck = a_small_receive_buffer()  # it never reads: what is sent to it waits with us
+        self.addCleanup(stuck.close)
+        stuck.connect(("127.0.0.1", self.server.port))
+        for peer in (alice, bob):
+            self.assertEqual(peer.line(), b"* a user joined (3 online)")
+        lines = 3000  # 3 MB in lines of 1000 bytes
         flood = b"".join(b"%06d " % n + b"z" * 992 + b"\n" for n in range(lines))
         alice.sock.setblocking(False)
         bob.sock.setblocking(False)
@@ -1431,6 +1436,7 @@ class FakeNats:
 
     def __init__(self, test, max_payload=1024 * 1024, info=None):
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # fills soon
         test.addCleanup(self.listener.close)
         self.listener.settimeout(WAIT)
         self.port = self.listener.getsockname()[1]
@@ -1625,14 +1631,14 @@ class NatsLinkTest(unittest.TestCase):
         for peer in (ann, bob):
             self.assertEqual(peer.line(), WELCOME)
         self.assertEqual(ann.line(), b"* a user joined (2 online)")
-        # Ann talks on and on: 40 MB, far past what the kernel buffers for the link. The
+        # Ann talks on and on: 8 MB, far past what the kernel buffers for the link. The
         # room waits for the link; once its stall budget (0.5 s here) is spent, the link is
         # dropped, and the room goes on. Bob gets every line; the server's memory stays small.
         line = b"Ann: " + b"x" * 95 + b"\n"
         chunk = line * 10000  # 1 MB
         bob.sock.setblocking(False)
         ann.sock.setblocking(False)
-        received, sent, view = 0, 0, memoryview(chunk * 40)
+        received, sent, view = 0, 0, memoryview(chunk * 8)
         end = time.monotonic() + 6 * WAIT
         while received < len(view):
             self.assertLess(time.monotonic(), end, f"stalled: sent {sent}, Bob got {received}")
@@ -2237,11 +2243,11 @@ class Console:
         self.run("kill-server")
 
 
-@unittest.skipIf(why_no_windows(), why_no_windows())
-class WindowsTest(unittest.TestCase):
+class UnderWine:
     """The four scripts with Windows semantics: select() on sockets only, msvcrt, WinError
     codes, cp1252 pipes. Wine runs them over Linux's TCP stack, so this is not Windows,
-    but it is the real Windows build of Python."""
+    but it is the real Windows build of Python. Mixed into two test classes, the servers
+    and the clients, which run side by side."""
 
     @classmethod
     def setUpClass(cls):
@@ -2268,6 +2274,14 @@ class WindowsTest(unittest.TestCase):
         other = Peer(self, server.port)
         self.assertEqual(other.line(), WELCOME)
         return server, other
+
+
+
+@unittest.skipIf(why_no_windows(), why_no_windows())
+class WindowsServerTest(UnderWine, unittest.TestCase):
+    """CONTRACT.md, "Servers", under Windows Python: both servers serve, stop on Ctrl-C, say
+    "address already in use" as on Linux, stay within the 512 sockets select() can watch,
+    and link through NATS."""
 
     def test_chat_server_relays_between_linux_clients_and_ctrl_c_stops_it(self):
         server = Server(self, "chat_server.py", windows=True)
@@ -2343,6 +2357,13 @@ class WindowsTest(unittest.TestCase):
         linux.wait_for_log(f"NATS link to 127.0.0.1:{port} is back")
         bob.send(b"Bob: hello Windows\n")
         self.assertEqual(ann.line(), b"Bob: hello Windows")
+
+
+
+@unittest.skipIf(why_no_windows(), why_no_windows())
+class WindowsClientTest(UnderWine, unittest.TestCase):
+    """CONTRACT.md, "Clients", the Windows item: the clients under Windows Python, from a
+    pipe and in a console (select() on the socket, keys from msvcrt)."""
 
     def test_echo_client_from_a_pipe(self):
         server = Server(self, "echo_server.py")
@@ -2487,7 +2508,8 @@ if __name__ == "__main__":
 # class runs whole in a child process (fork), which reports every outcome to us; we hand
 # them on to unittest's own result, so the output reads as in a plain run. One class
 # (python -m unittest test_chat.ChatServerTest) runs as usual, in this process.
-# TEST_CHAT_PROCESSES=1 runs everything here, one test after another.
+# TEST_CHAT_PROCESSES=1 runs everything here, one test after another; TEST_CHAT_TIMES=1
+# says how long each class took.
 # ---------------------------------------------------------------------------------------
 
 PROCESSES = int(os.environ.get("TEST_CHAT_PROCESSES", "4"))
@@ -2520,14 +2542,19 @@ class ClassesSideBySide(unittest.TestSuite):
         return sum(len(tests) for tests in self.classes.values())
 
     def run(self, result, debug=False):
-        waiting = sorted(self.classes.items(), key=lambda item: -len(item[1]))  # big ones first
-        waiting.sort(key=lambda item: item[0].__name__ != "WindowsTest")  # Wine's start is slow
+        # The slowest classes first (TEST_CHAT_TIMES=1 tells), so that none starts last.
+        slow = ["ChatClientTest", "ChatServerTest", "NatsLinkTest", "WindowsServerTest",
+                "EchoClientTest", "WindowsClientTest"]
+        waiting = sorted(self.classes.items(), key=lambda item: (
+            slow.index(item[0].__name__) if item[0].__name__ in slow else len(slow), -len(item[1])))
         children = {}  # read end of a child's pipe -> (pid, its tests by id, unread bytes, events)
+        began = {}  # read end -> (class name, when it began)
         while waiting or children:
             while waiting and len(children) < self.processes:
                 cls, tests = waiting.pop(0)
                 read_end, pid = self.fork(tests)
                 children[read_end] = (pid, {test.id(): test for test in tests}, bytearray(), [])
+                began[read_end] = (cls.__name__, time.monotonic())
             for fd in select.select(list(children), [], [])[0]:
                 pid, by_id, unread, events = children[fd]
                 data = os.read(fd, 1 << 16)
@@ -2540,6 +2567,9 @@ class ClassesSideBySide(unittest.TestSuite):
                         self.replay(result, by_id, events)
                         events.clear()
                 if not data:
+                    name, start = began.pop(fd)
+                    if os.environ.get("TEST_CHAT_TIMES"):  # where the time goes, class by class
+                        print(f"\n{name}: {time.monotonic() - start:.1f} s", file=sys.stderr)
                     if events:
                         self.replay(result, by_id, events + [("stop",) + events[-1][1:]])
                     os.close(fd)
