@@ -2,12 +2,6 @@
 """Step 3: a chat client that waits on the keyboard and the server at once with select().
 
 Run it:      python chat_client.py             (with chat_server.py, or echo_server.py, running)
-Options:     python chat_client.py --help
-
-    name: John
-    Welcome to the chatroom!
-    John: Hi
-    Jane: hello John
 
 It asks for your name, then sends each line you type as "John: Hi". Lines from the
 server are printed as soon as each one is whole. Against step 1's echo server you see
@@ -16,8 +10,8 @@ your own line twice: once as we print it, once as the server sends it back.
 What to notice: one select() call waits on two things, standard input and the socket,
 so a message can arrive while you are typing. Both are byte streams that we cut into
 lines ourselves. And text from the network is untrusted: we make control characters
-visible, so no one can clear your screen or retitle your terminal.
-What a real client needs besides the lesson comes after the line "The fine print".
+visible, so no one can clear your screen or retitle your terminal. What a real client
+needs besides the lesson (Windows included) comes after the line "The fine print".
 """
 import argparse
 import codecs
@@ -27,39 +21,28 @@ import signal
 import socket
 import sys
 import time
+import types
 import unicodedata
 
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv() or read()
-LINE_LIMIT = 64 * 1024    # longer lines, in or out, are cut: our memory stays bounded
+BUFFER_LIMIT = 64 * 1024  # longer lines, in or out, are cut: our memory stays bounded
 QUIT_WORDS = ("quit", "exit")
 
-# Text from the network may carry terminal control sequences: ESC [2J clears the screen,
-# ESC ]0; sets the window title. We show every C0 control but tab, DEL and the C1 controls
-# as a visible \xNN escape instead of writing it raw. The same goes for the characters that
-# reorder or hide text (bidi controls, line separators, zero-width ones, the BOM), with
-# which one user could make a line look as if another user wrote it.
-CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
-HIDDEN = [0x061c, *range(0x200b, 0x2010), *range(0x2028, 0x202f), *range(0x2060, 0x206a), 0xfeff]
-MAKE_VISIBLE = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-                for code in CONTROLS + HIDDEN}
 
-
-def chat(sock, name, keyboard, inbuf):
+def chat(sock, name, keyboard, inbuf, linger):
     """The select loop; returns the exit status. inbuf: server bytes awaiting their "\n"."""
     outbuf = bytearray()     # our lines that the kernel has not taken yet
+    last = bytearray()       # the last line the server sent: finish() asks if it refused us
     typing = True            # False after quit or end of input: send what is queued, then go
     while typing or outbuf:
         # One wait for both: a line from the server can arrive while we type. (The keyboard
         # waits while our output piles up: a server that stops reading cannot grow us.)
-        want_read = [sock, keyboard] if typing and len(outbuf) < LINE_LIMIT else [sock]
+        want_read = [sock, keyboard] if typing and len(outbuf) < BUFFER_LIMIT else [sock]
         want_write = [sock] if outbuf else []
-        if os.name == "nt":  # Windows: select() watches sockets only. See the fine print.
-            readable, writable = select_windows(want_read, want_write)
-        else:
-            readable, writable, _ = select.select(want_read, want_write, [])
+        readable, writable, _ = select.select(want_read, want_write, [])  # Windows: select_windows()
         keyboard.hide()  # in a terminal, the half-typed line steps aside while we print
-        if sock in readable and not show_received(sock, inbuf):
+        if sock in readable and not show_received(sock, inbuf, last):
             return server_closed(keyboard)
         if keyboard in readable:
             typing = read_keyboard(keyboard, name, outbuf)
@@ -72,11 +55,12 @@ def chat(sock, name, keyboard, inbuf):
             except OSError:  # EPIPE, ECONNRESET
                 return server_closed(keyboard)
             del outbuf[:sent]  # send() may take only part of it
-    return finish(sock, inbuf, keyboard)
+    return finish(sock, inbuf, keyboard, last, linger)
 
 
-def show_received(sock, inbuf):
-    """Read what the server sent and print every complete line. False once it has closed."""
+def show_received(sock, inbuf, last):
+    """Read what the server sent and print every complete line, the last one also kept in
+    last. False once the server has closed the connection."""
     try:
         data = sock.recv(RECV_SIZE)
     except BlockingIOError:
@@ -90,18 +74,18 @@ def show_received(sock, inbuf):
     inbuf += data
     for line in split_lines(inbuf):
         show(line)
-    if len(inbuf) > LINE_LIMIT:  # no newline in sight: print it in pieces, keep memory bounded
+        last[:] = line
+    if len(inbuf) > BUFFER_LIMIT:  # no newline in sight: print it in pieces, keep memory bounded
         show(inbuf)
         inbuf.clear()
     return True
 
 
 def show(line):
-    """Print a line from the server. It is untrusted: we decode it with replacement, and
-    make every control character visible (MAKE_VISIBLE)."""
-    global last_shown
-    last_shown = bytes(line)  # finish(), in the fine print, asks: was it a refusal?
-    print(line.decode("utf-8", errors="replace").translate(MAKE_VISIBLE), flush=True)
+    """Print a line from the server. It is untrusted: harmless() shows control characters
+    as escapes (\\x1b), so ESC [2J cannot clear your screen, and so are the characters that
+    hide or reorder text (U+202E), with which one user could pass for another."""
+    print(harmless(line.decode("utf-8", errors="replace")), flush=True)
 
 
 def split_lines(buf):
@@ -129,6 +113,7 @@ def read_keyboard(keyboard, name, outbuf):
 class Keyboard:
     """Standard input, read the select() way: with os.read() on its file descriptor, not
     input() or sys.stdin, which read ahead into a buffer that select() cannot see."""
+    interactive = False  # a pipe or a file; a terminal's keyboard is in the fine print
 
     def __init__(self, fd):
         self.fd = fd
@@ -144,8 +129,8 @@ class Keyboard:
         lines = split_lines(self.typed)
         if not data:  # end of input (Ctrl-D): an unfinished last line still counts
             lines.append(bytes(self.typed))
-        if len(self.typed) > LINE_LIMIT:  # no "\n" in sight: keep just the start (it is
-            del self.typed[LINE_LIMIT:]   # far too long to send anyway), memory stays bounded
+        if len(self.typed) > BUFFER_LIMIT:  # no "\n" in sight: keep just the start (it is
+            del self.typed[BUFFER_LIMIT:]   # far too long to send anyway), memory stays bounded
         return [line.decode("utf-8", errors="replace") for line in lines], bool(data)
 
     def hide(self):
@@ -153,6 +138,26 @@ class Keyboard:
 
     def show(self):
         """... and draws it again here. From a pipe or a file there is nothing to do."""
+
+    def keep(self):
+        """A terminal leaves the half-typed line on the screen for good, as we go."""
+
+
+def finish(sock, inbuf, keyboard, last, linger):
+    """We have nothing more to say; returns the exit status. In a terminal we leave at once.
+    From a pipe we shut down our side and show what the server still says until it closes
+    (--linger seconds at most); if its last line refused us (error: ...), the status is 1."""
+    if keyboard.interactive:
+        return 0
+    show_the_rest(sock, inbuf, last, linger)
+    return 1 if last.startswith(b"error:") else 0
+
+
+def server_closed(keyboard):
+    """Say that the server has gone; returns the exit status, 1."""
+    keyboard.keep()  # what you had typed stays on the screen, above the message
+    print("server closed the connection", file=sys.stderr)
+    return 1
 
 
 # The fine print ------------------------------------------------------------------------
@@ -162,11 +167,9 @@ class Keyboard:
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
 SEND_LIMIT = 4096         # chat_server.py refuses a longer line (and drops its sender)
-LINGER = 5                # seconds we wait, from a pipe, for the server's last words
 # Keys as they arrive. Enter may come as "\r" or "\n", Backspace as DEL or BS: either will do.
 ENTER, BACKSPACE, CTRL_D, CTRL_U, CTRL_Z, ESC = "\r\n", "\x7f\b", "\x04", "\x15", "\x1a", "\x1b"
 POLL_EVERY = 0.05         # Windows: seconds a key may wait to be seen (see select_windows)
-last_shown = b""          # the last line from the server that we printed: see show()
 # After "\xe0", the codes of the Windows keys that send it: arrows, Home, End, Page Up
 # and Down, Insert, Delete, alone and with Ctrl. After any other character, "\xe0" was a
 # typed "à". (So "à" and then one of these, typed within POLL_EVERY seconds, is lost.)
@@ -205,8 +208,15 @@ class TerminalKeyboard(Keyboard):
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
         self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
 
+    interactive = True
+
     def restore(self):
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def keep(self):
+        if self.chars:  # hide() wiped it: draw it again, and end its row
+            self.show()
+            print()
 
     def suspend(self, signum, frame):
         """Ctrl-Z: the shell gets its terminal back, as it was, while we are stopped; on
@@ -282,16 +292,49 @@ class TerminalKeyboard(Keyboard):
                 return lines, False
             elif char == CTRL_Z and not self.chars:  # (a terminal stops us on Ctrl-Z instead)
                 self.chars.append(char)  # shown as ^Z
-            elif char.isprintable() and len(self.chars) < LINE_LIMIT:  # other keys: ignored
+            elif char.isprintable() and len(self.chars) < BUFFER_LIMIT:  # other keys: ignored
                 self.chars.append(char)
         return lines, True
 
 
 def width(char):
-    """Columns a character takes on the screen: wide ones two, combining ones none."""
-    if unicodedata.combining(char):
+    """Columns a character takes on the screen: wide and fullwidth ones two; combining
+    marks, format characters and the Hangul jamo that join a syllable none."""
+    if unicodedata.category(char) in ("Mn", "Me", "Cf") or "\u1160" <= char <= "\u11ff":
         return 0
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+# Characters that can hide or reorder text, shown as escapes by harmless(): control
+# characters (but tab), format characters (bidi controls, zero-width ones, the BOM, tags,
+# the soft hyphen), line and paragraph separators, by their Unicode category; and these,
+# which are invisible whatever their category says.
+INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+INVISIBLE = "\u034f\u115f\u1160\u3164\uffa0"  # combining grapheme joiner, Hangul fillers
+ZWJ, VS16 = "\u200d", "\ufe0f"  # a zero-width joiner glues emoji: 👩 ZWJ 💻 is one picture
+
+
+def harmless(text):
+    """text with every character that can hide or reorder text shown as an escape
+    (\\x1b, \\u202e, \\U000e0041). Ordinary text of every script stays as it is."""
+    if text.isprintable() and not any(char in text for char in INVISIBLE):
+        return text  # the common case, checked in C
+    shown = []
+    for i, char in enumerate(text):
+        if char == ZWJ and 0 < i < len(text) - 1 and is_emoji(text[i - 1 - (text[i - 1] == VS16)]) \
+                and is_emoji(text[i + 1]):
+            shown.append(char)
+        elif char != "\t" and (unicodedata.category(char) in INVISIBLE_CATEGORIES or char in INVISIBLE):
+            code = ord(char)
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                         else f"\\U{code:08x}")
+        else:
+            shown.append(char)
+    return "".join(shown)
+
+
+def is_emoji(char):
+    return unicodedata.category(char) == "So" or "\U0001f3fb" <= char <= "\U0001f3ff"
 
 
 def terminal_columns():
@@ -351,7 +394,7 @@ class WindowsKeyboard(TerminalKeyboard):
 
 
 
-def select_windows(want_read, want_write):
+def select_windows(want_read, want_write, want_error=(), timeout=None):
     """select.select() for Windows, where it watches sockets only (anything else fails
     with WinError 10038). We ask it about the sockets, and look at the keyboard (or the
     pipe) ourselves, before and after a wait of POLL_EVERY seconds at most. No threads,
@@ -360,13 +403,18 @@ def select_windows(want_read, want_write):
     sockets = [s for s in want_read if isinstance(s, socket.socket)]
     inputs = [i for i in want_read if not isinstance(i, socket.socket)]
     ready = [i for i in inputs if input_waiting(i)]
-    timeout = 0 if ready else POLL_EVERY if inputs else None
+    if ready or inputs:
+        timeout = 0 if ready else POLL_EVERY if timeout is None else min(timeout, POLL_EVERY)
     if sockets or want_write:
-        readable, writable, _ = select.select(sockets, want_write, [], timeout)
+        readable, writable, _ = windows_select.select(sockets, want_write, [], timeout)
     else:  # select() on Windows refuses to wait on nothing
         readable, writable = [], []
         time.sleep(timeout or 0)
-    return readable + (ready or [i for i in inputs if input_waiting(i)]), writable
+    return readable + (ready or [i for i in inputs if input_waiting(i)]), writable, []
+
+
+if os.name == "nt":  # In the lesson, and below, select.select() is then select_windows().
+    windows_select, select = select, types.SimpleNamespace(select=select_windows)
 
 
 def input_waiting(stdin):
@@ -414,16 +462,13 @@ def ask_name(fd, sock, inbuf):
         print("name: ", end="", flush=True)
         line = bytearray()
         while not line.endswith(b"\n"):
-            watched = [fd, sock] if len(inbuf) < LINE_LIMIT else [fd]
-            if os.name == "nt":
-                readable, _ = select_windows(watched, [])
-            else:
-                readable, _, _ = select.select(watched, [], [])
+            watched = [fd, sock] if len(inbuf) < BUFFER_LIMIT else [fd]
+            readable, _, _ = select.select(watched, [], [])
             if sock in readable and not server_says(sock, inbuf):
                 return ""
             if fd not in readable:
                 continue
-            data = os.read(fd, LINE_LIMIT if os.isatty(fd) else 1)
+            data = os.read(fd, BUFFER_LIMIT if os.isatty(fd) else 1)
             if not data or data.startswith(b"\x1a") and os.isatty(fd):
                 return None  # the end of input (in a Windows console: Ctrl-Z, then Enter)
             line += data
@@ -438,8 +483,8 @@ def ask_name_in_console(keyboard, sock, inbuf):
     keyboard.prompt = "name: "
     keyboard.show()
     while True:
-        watched = [sock, keyboard] if len(inbuf) < LINE_LIMIT else [keyboard]
-        readable, _ = select_windows(watched, [])
+        watched = [sock, keyboard] if len(inbuf) < BUFFER_LIMIT else [keyboard]
+        readable, _, _ = select.select(watched, [], [])
         if sock in readable and not server_says(sock, inbuf):
             return ""
         if keyboard in readable:
@@ -469,14 +514,10 @@ def server_says(sock, inbuf):
     return True
 
 
-def finish(sock, inbuf, keyboard):
-    """We have nothing more to say; returns the exit status. In a terminal we leave at
-    once. From a pipe, we shut down our side and show what the server still sends until
-    it closes, LINGER seconds at most: nothing it says is lost, and if its last line
-    refused us (error: server full, say), we exit with status 1."""
-    if isinstance(keyboard, TerminalKeyboard):
-        return 0
-    end = time.monotonic() + LINGER
+def show_the_rest(sock, inbuf, last, linger):
+    """finish() from a pipe: shut down our side, then show what the server still sends
+    until it closes, linger seconds at most, keeping its last line in last."""
+    end = time.monotonic() + linger
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:  # the server has reset the connection already
@@ -490,12 +531,11 @@ def finish(sock, inbuf, keyboard):
         inbuf += data
         for line in split_lines(inbuf):
             show(line)
+            last[:] = line
         if not data:
             break
-        if len(inbuf) > LINE_LIMIT:  # no newline in sight: keep memory bounded
+        if len(inbuf) > BUFFER_LIMIT:  # no newline in sight: keep memory bounded
             inbuf.clear()
-    # The last line may have come before we got here: show() keeps it.
-    return 1 if last_shown.startswith(b"error:") else 0
 
 
 def too_long_to_send(message):
@@ -509,14 +549,12 @@ def too_long_to_send(message):
     return True
 
 
-def server_closed(keyboard):
-    """Say that the server has gone; returns the exit status. In a terminal, what you had
-    typed stays on the screen, above the message."""
-    if isinstance(keyboard, TerminalKeyboard) and keyboard.chars:
-        keyboard.show()
-        print()
-    print("server closed the connection", file=sys.stderr)
-    return 1
+def seconds(text):
+    """An argparse type: a number of seconds, 0 or more and finite."""
+    value = float(text)
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {text!r}")
+    return value
 
 
 def keep_stdio_usable():
@@ -564,6 +602,9 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="server's TCP port (default: %(default)s)")
     parser.add_argument("--name", help="the name put before your lines (asked if not given)")
+    parser.add_argument("--linger", type=seconds, default=5.0, metavar="SECONDS",
+                        help="from a pipe, after the last line: how long to wait for what "
+                             "the server still says (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 0 < args.port <= 65535:
         parser.error("--port must be from 1 to 65535")
@@ -583,7 +624,7 @@ def main(argv=None):
         else:
             name = (args.name or "").strip() or ask_name(stdin, sock, inbuf)
         if name == "":
-            return server_closed(None)
+            return server_closed(keyboard or Keyboard(stdin))
         if not name:
             return 0
         for line in split_lines(inbuf):
@@ -595,7 +636,7 @@ def main(argv=None):
                 signal.signal(signum, signal.default_int_handler)
             keyboard = TerminalKeyboard(stdin)
         keyboard = keyboard or Keyboard(stdin)  # a pipe or a file
-        return chat(sock, name, keyboard, inbuf)
+        return chat(sock, name, keyboard, inbuf, args.linger)
     except KeyboardInterrupt:  # Ctrl-C
         print()
         return 0

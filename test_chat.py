@@ -678,14 +678,14 @@ class ChatClientTest(unittest.TestCase):
         port = (server or self.server).port
         return Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(port), *args, tty=tty)
 
-    def client_of_a_test_server(self):
+    def client_of_a_test_server(self, *args):
         """A client (from a pipe, named ci) connected to a server this test plays itself:
         (the client, the server's side of the connection)."""
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
         listener.settimeout(WAIT)
         client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
-                      "--port", str(listener.getsockname()[1]), "--name", "ci")
+                      "--port", str(listener.getsockname()[1]), "--name", "ci", *args)
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
         conn.settimeout(WAIT)
@@ -755,13 +755,13 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.read_to_end(), "John: Hi\nJohn: Hi\n")
 
     def test_from_a_pipe_the_wait_for_a_server_that_never_closes_is_bounded(self):
-        client, conn = self.client_of_a_test_server()  # it takes the line, and never closes
-        client.type("x\n")
+        client, conn = self.client_of_a_test_server("--linger", "1")  # it takes the line,
+        client.type("x\n")                                            # and never closes
         client.close_stdin()
         self.assertEqual(conn.recv(100), b"ci: x\n")
         start = time.monotonic()
         self.assertEqual(client.wait(), 0)
-        self.assertLess(time.monotonic() - start, 8)
+        self.assertLess(time.monotonic() - start, 1 + 2)  # --linger 1; the default is in --help
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_memory_stays_bounded_against_a_server_that_does_not_read(self):
@@ -2012,7 +2012,7 @@ class CommandLineTest(unittest.TestCase):
                    "chat_server.py": ["--host", "--port", "--max-clients", "--drain-timeout",
                                       "--stall-budget", "--nats"],
                    "echo_client.py": ["--host", "--port"],
-                   "chat_client.py": ["--host", "--port", "--name"]}
+                   "chat_client.py": ["--host", "--port", "--name", "--linger"]}
         for script, names in options.items():
             with self.subTest(script=script):
                 result = self.run_script(script, "-h")
@@ -2022,6 +2022,8 @@ class CommandLineTest(unittest.TestCase):
                 for name in names:
                     self.assertRegex(result.stdout, rf"{name} \S+\s+\w")  # the option, then words
                 self.assertIn("7007", result.stdout)
+        self.assertRegex(self.run_script("chat_client.py", "-h").stdout,
+                         r"--linger SECONDS\s+from a pipe[^-]*\(default: 5\.0\)")
 
     def test_odd_values_on_a_servers_command_line_are_one_clear_line_never_a_traceback(self):
         for script, args, status, words in (
