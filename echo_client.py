@@ -22,10 +22,11 @@ import os
 import select
 import socket
 import sys
+import unicodedata
 
 DEFAULT_PORT = 7007       # the port of echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv()
-LINE_LIMIT = 64 * 1024    # beyond our own line, the most we keep while no newline comes back
+BUFFER_LIMIT = 64 * 1024  # beyond our own line, the most we keep while no newline comes back
 QUIT_WORDS = (b"quit", b"exit")
 
 
@@ -38,11 +39,13 @@ def echo_line(sock, line, inbuf):
     all of it is back. A byte stream makes no promise about where one recv() ends, so
     inbuf keeps what arrived after that line for the next call."""
     outbuf = bytearray(line)
-    limit = len(line) + LINE_LIMIT  # the most we keep without a newline: memory stays bounded
+    limit = len(line) + BUFFER_LIMIT  # the most we keep without a newline: memory stays bounded
     complete = b"\n" in inbuf
-    while outbuf or not (complete or len(inbuf) >= limit):
-        # Watch for writability only while we still have bytes to send.
-        readable, writable, _ = select.select([sock], [sock] if outbuf else [], [])
+    while outbuf or (not complete and len(inbuf) < limit):  # something to send, or to wait for
+        # Watch for writability only while we still have bytes to send; stop reading while
+        # what came back piles up (a server that never reads cannot grow us).
+        want_read = [sock] if len(inbuf) < limit else []
+        readable, writable, _ = select.select(want_read, [sock] if outbuf else [], [])
         if writable:
             try:
                 sent = sock.send(outbuf)
@@ -87,7 +90,7 @@ def talk(sock):
         except ServerClosed:
             print("server closed the connection", file=sys.stderr)
             return 1
-        print(f"recv: {harmless(echoed)}", flush=True)
+        print(f"recv: {harmless(echoed.decode('utf-8', errors='replace'))}", flush=True)
 
 
 # The fine print ------------------------------------------------------------------------
@@ -96,17 +99,41 @@ def talk(sock):
 
 CONNECT_TIMEOUT = 10      # seconds to wait for the server to answer the connection
 INPUT_LIMIT = 32 * 1024 * 1024  # a longer typed line goes out in pieces: memory stays bounded
-# What the server sends back is shown harmlessly, as in step 3 (chat_client.py says why):
-# control characters, and the characters that reorder or hide text, are made visible.
-CONTROLS = [*range(0x00, 0x09), *range(0x0a, 0x20), 0x7f, *range(0x80, 0xa0)]
-HIDDEN = [0x061c, *range(0x200b, 0x2010), *range(0x2028, 0x202f), *range(0x2060, 0x206a), 0xfeff]
-MAKE_VISIBLE = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-                for code in CONTROLS + HIDDEN}
+# What comes back is shown harmlessly, as in step 3 (chat_client.py says why): control
+# characters (but tab), format characters (bidi controls, zero-width ones, the BOM, tags,
+# the soft hyphen), line and paragraph separators, by their Unicode category; and these,
+# which are invisible whatever their category says.
+INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+INVISIBLE = "\u034f\u115f\u1160\u3164\uffa0"  # combining grapheme joiner, Hangul fillers
+ZWJ, VS16 = "\u200d", "\ufe0f"  # a zero-width joiner glues emoji: 👩 ZWJ 💻 is one picture
 
 
-def harmless(raw):
-    """Decode bytes from the network and make them safe to print."""
-    return raw.decode("utf-8", errors="replace").translate(MAKE_VISIBLE)
+def harmless(text):
+    """text with every character that can hide or reorder text shown as an escape
+    (\\x1b, \\u202e, \\U000e0041). Ordinary text of every script stays as it is."""
+    if text.isprintable() and not any(char in text for char in INVISIBLE):
+        return text  # the common case, checked in C
+    shown = []
+    for i, char in enumerate(text):
+        if char == ZWJ and 0 < i < len(text) - 1 and is_emoji(text[i - 1 - (text[i - 1] == VS16)]) \
+                and is_emoji(text[i + 1]):
+            shown.append(char)
+        elif char != "\t" and (unicodedata.category(char) in INVISIBLE_CATEGORIES or char in INVISIBLE):
+            code = ord(char)
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                         else f"\\U{code:08x}")
+        else:
+            shown.append(char)
+    return "".join(shown)
+
+
+def is_emoji(char):
+    return unicodedata.category(char) == "So" or "\U0001f3fb" <= char <= "\U0001f3ff"
+
+
+def describe(err):
+    """An OSError in a few lower-case words: "connection refused"."""
+    return (err.strerror or str(err)).lower()
 
 
 def end_line(line):
@@ -146,7 +173,7 @@ def connect(host, port):
         print(f"error: cannot connect to {where}: connection refused (is the server running?)",
               file=sys.stderr)
     except OSError as err:
-        print(f"error: cannot connect to {where}: {(err.strerror or str(err)).lower()}",
+        print(f"error: cannot connect to {where}: {describe(err)}",
               file=sys.stderr)
     return None
 
