@@ -582,8 +582,9 @@ def connect(host, port):
     try:
         # create_connection tries every address the name resolves to (IPv6 and IPv4).
         return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-    except socket.gaierror as err:
-        print(f"error: cannot resolve host {host!r}: {err.strerror}", file=sys.stderr)
+    except (socket.gaierror, UnicodeError) as err:  # UnicodeError: "a..b" is no host name
+        why = err.strerror if isinstance(err, socket.gaierror) else "not a valid host name"
+        print(f"error: cannot resolve host {host!r}: {why}", file=sys.stderr)
     except ConnectionRefusedError:
         print(f"error: cannot connect to {where}: connection refused (is the server running?)",
               file=sys.stderr)

@@ -620,6 +620,22 @@ class EchoClientTest(unittest.TestCase):
         client.expect("recv: xxxx")
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_memory_stays_bounded_against_a_server_that_never_reads_and_always_sends(self):
+        listener, port = self.fake_server()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it takes little
+        client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        client.type("x" * (8 << 20) + "\n")  # 8 MB that the server never reads
+        conn.setblocking(False)
+        endless, sent, end = b"x" * (1 << 20), 0, time.monotonic() + 1.5
+        while time.monotonic() < end:  # it sends, and sends, and never reads
+            if select.select([], [conn], [], 0.05)[1]:
+                sent += conn.send(endless)
+        self.assertLess(peak_rss_mb(client.pid), 100, f"{sent} bytes sent")
+        self.assertIsNone(client.popen.poll())  # it waits, with bounded memory, for the server
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_memory_stays_bounded_whatever_comes_in_on_stdin(self):
         listener, port = self.fake_server()  # it never reads and never answers
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
@@ -865,16 +881,29 @@ class ChatClientTest(unittest.TestCase):
         self.assertIn("line too long", client.stderr())
 
     def test_characters_that_reorder_or_hide_text_are_shown_not_obeyed(self):
-        # Bidi controls, line separators, zero-width characters and the BOM can make one
-        # user's line read as if another user wrote it ("Trojan Source").
+        # Bidi controls, line separators, zero-width and format characters, tags, fillers:
+        # each can make one user's line read as if another user wrote it, or hide text.
+        # The rule is Unicode's categories, so this list is a sample, not the rule.
         client = self.client("--name", "John")
         self.joined(client)
-        tricks = "\u202e\u202c\u2066\u2069\u200e\u200f\u061c\u2028\u2029\u200b\u200d\u2060\ufeff"
+        tricks = ("\u202e\u202c\u2066\u2069\u200e\u200f\u061c\u2028\u2029\u200b\u200d\u2060\ufeff"
+                  "\U000e0001\U000e0041\U000e007f\u206a\u206f\u180e\u00ad\u034f\u115f\u1160\u3164\uffa0")
         self.other.send(f"Jane: {tricks}|end\n".encode())
         client.expect("|end\n")
         for char in tricks:
             self.assertNotIn(char.encode(), client.raw)
-            self.assertIn(f"\\u{ord(char):04x}", client.output)
+            code = ord(char)
+            self.assertIn(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                          else f"\\U{code:08x}", client.output)
+
+    def test_ordinary_text_of_every_script_arrives_intact(self):
+        client = self.client("--name", "John")
+        self.joined(client)
+        texts = ["naïve café", "日本語", "한국어", "กี่", "में", "e\u0301", "👍", "❤\ufe0f", "👩\u200d💻",
+                 "a\tb"]
+        self.other.send(("Jane: " + " | ".join(texts) + " |end\n").encode())
+        client.expect("|end\n")
+        self.assertIn("Jane: " + " | ".join(texts) + " |end", client.output)
 
     def test_a_closed_stdout_ends_it_quietly(self):
         client = self.client("--name", "John")
@@ -2045,11 +2074,12 @@ class CommandLineTest(unittest.TestCase):
 
     def test_clients_say_when_the_host_does_not_resolve(self):
         for script, *args in (("echo_client.py",), ("chat_client.py", "--name", "J")):
-            with self.subTest(script=script):
-                result = self.run_script(script, "--host", "no-such-host.invalid", *args)
-                self.assertEqual(result.returncode, 1)
-                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
-                self.assertIn("error: cannot resolve host 'no-such-host.invalid'", result.stderr)
+            for host in ("no-such-host.invalid", "a..b"):  # a..b: not even a host name
+                with self.subTest(script=script, host=host):
+                    result = self.run_script(script, "--host", host, *args)
+                    self.assertEqual(result.returncode, 1)
+                    self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                    self.assertIn(f"error: cannot resolve host '{host}'", result.stderr)
 
     def test_clients_reach_a_server_on_localhost_whichever_address_it_means_first(self):
         server = Server(self, "echo_server.py")
