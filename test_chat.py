@@ -896,6 +896,43 @@ class ChatClientTest(unittest.TestCase):
             self.assertIn(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
                           else f"\\U{code:08x}", client.output)
 
+    def test_the_windows_keyboard_skips_special_keys_and_ends_on_ctrl_z_then_enter(self):
+        # Wine's console gives no Ctrl-Z and no function keys, so we feed WindowsKeyboard
+        # what msvcrt.getwch() returns on Windows, here, on any system.
+        spec = importlib.util.spec_from_file_location("chat_client", os.path.join(HERE, "chat_client.py"))
+        chat_client = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(chat_client)
+
+        class FakeMsvcrt:
+            keys = []
+
+            def kbhit(self):
+                return bool(self.keys)
+
+            def getwch(self):
+                return self.keys.pop(0)
+
+        chat_client.msvcrt = fake = FakeMsvcrt()
+        chat_client.terminal_columns = lambda: 80
+        keyboard = object.__new__(chat_client.WindowsKeyboard)
+        keyboard.chars, keyboard.escape, keyboard.prompt = [], "", ""
+
+        def typed(keys):
+            fake.keys[:] = keys
+            return keyboard.read_lines()
+
+        # F1 is "\x00;", Left "\xe0K", Delete "\xe0S": skipped. Enter ends the read.
+        self.assertEqual(typed(["\x00", ";", "a", "\xe0", "K", "b", "\xe0", "S", "\r", "c"]),
+                         (["ab"], True))
+        self.assertEqual(fake.keys, ["c"])  # the next line waits in the console
+        self.assertEqual(typed(["\xe0", "\r"]), (["à"], True))  # "\xe0" alone is à
+        self.assertEqual(typed(["x", "\x1a", "\r"]), (["x"], True))  # Ctrl-Z ends an empty line only
+        self.assertEqual(typed(["\x1a"]), ([], True))
+        self.assertEqual(keyboard.text(), "^Z")
+        self.assertEqual(typed(["\r"]), ([], False))  # Ctrl-Z, then Enter: the end
+        with self.assertRaises(KeyboardInterrupt):
+            typed(["\x03"])
+
     def test_ordinary_text_of_every_script_arrives_intact(self):
         client = self.client("--name", "John")
         self.joined(client)
@@ -2492,42 +2529,6 @@ class WindowsClientTest(UnderWine, unittest.TestCase):
                          ["name:", "error: server full, try again later",
                           "server closed the connection", "EXIT=1"])
 
-    def test_chat_client_keys_that_wine_cannot_type(self):
-        # Wine's console gives no Ctrl-Z and no function keys, so we feed WindowsKeyboard
-        # what msvcrt.getwch() returns on Windows, here in Linux Python.
-        spec = importlib.util.spec_from_file_location("chat_client", os.path.join(HERE, "chat_client.py"))
-        chat_client = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(chat_client)
-
-        class FakeMsvcrt:
-            keys = []
-
-            def kbhit(self):
-                return bool(self.keys)
-
-            def getwch(self):
-                return self.keys.pop(0)
-
-        chat_client.msvcrt = fake = FakeMsvcrt()
-        chat_client.terminal_columns = lambda: 80
-        keyboard = object.__new__(chat_client.WindowsKeyboard)
-        keyboard.chars, keyboard.escape, keyboard.prompt = [], "", ""
-
-        def typed(keys):
-            fake.keys[:] = keys
-            return keyboard.read_lines()
-
-        # F1 is "\x00;", Left "\xe0K", Delete "\xe0S": skipped. Enter ends the read.
-        self.assertEqual(typed(["\x00", ";", "a", "\xe0", "K", "b", "\xe0", "S", "\r", "c"]),
-                         (["ab"], True))
-        self.assertEqual(fake.keys, ["c"])  # the next line waits in the console
-        self.assertEqual(typed(["\xe0", "\r"]), (["à"], True))  # "\xe0" alone is à
-        self.assertEqual(typed(["x", "\x1a", "\r"]), (["x"], True))  # Ctrl-Z ends an empty line only
-        self.assertEqual(typed(["\x1a"]), ([], True))
-        self.assertEqual(keyboard.text(), "^Z")
-        self.assertEqual(typed(["\r"]), ([], False))  # Ctrl-Z, then Enter: the end
-        with self.assertRaises(KeyboardInterrupt):
-            typed(["\x03"])
 
 
 if __name__ == "__main__":
