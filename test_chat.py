@@ -51,6 +51,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def a_listener(test):
+    """A listening socket on loopback, for a test that plays a server itself (closed when
+    the test ends): (the socket, its port)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    test.addCleanup(listener.close)
+    listener.settimeout(WAIT)
+    return listener, listener.getsockname()[1]
+
+
 def cpu_seconds(pid):
     """User plus system CPU time of a process so far, from /proc (Linux)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -528,11 +537,9 @@ class EchoClientTest(unittest.TestCase):
 
     def test_echo_that_arrives_in_pieces_is_printed_once_whole(self):
         # Our own RFC 862 server, which sends each echo back one byte at a time.
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        listener.settimeout(WAIT)
+        listener, port = a_listener(self)
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1",
-                      "--port", str(listener.getsockname()[1]))
+                      "--port", str(port))
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
         conn.settimeout(WAIT)
@@ -580,15 +587,8 @@ class EchoClientTest(unittest.TestCase):
         self.assertEqual(client.wait(), 0)
         no_traceback(self, client.stderr())
 
-    def fake_server(self):
-        """A listening socket of our own; returns it and its port."""
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        listener.settimeout(WAIT)
-        return listener, listener.getsockname()[1]
-
     def test_every_typed_line_is_sent_even_if_the_server_sends_more(self):
-        listener, port = self.fake_server()
+        listener, port = a_listener(self)
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
@@ -605,7 +605,7 @@ class EchoClientTest(unittest.TestCase):
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_memory_stays_bounded_against_a_server_that_never_sends_a_newline(self):
-        listener, port = self.fake_server()
+        listener, port = a_listener(self)
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
@@ -621,7 +621,7 @@ class EchoClientTest(unittest.TestCase):
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_memory_stays_bounded_against_a_server_that_never_reads_and_always_sends(self):
-        listener, port = self.fake_server()
+        listener, port = a_listener(self)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it takes little
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
         conn, _ = listener.accept()
@@ -637,7 +637,7 @@ class EchoClientTest(unittest.TestCase):
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_memory_stays_bounded_whatever_comes_in_on_stdin(self):
-        listener, port = self.fake_server()  # it never reads and never answers
+        listener, port = a_listener(self)  # it never reads and never answers
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
@@ -697,11 +697,9 @@ class ChatClientTest(unittest.TestCase):
     def client_of_a_test_server(self, *args):
         """A client (from a pipe, named ci) connected to a server this test plays itself:
         (the client, the server's side of the connection)."""
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        listener.settimeout(WAIT)
+        listener, port = a_listener(self)
         client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
-                      "--port", str(listener.getsockname()[1]), "--name", "ci", *args)
+                      "--port", str(port), "--name", "ci", *args)
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
         conn.settimeout(WAIT)
@@ -781,11 +779,9 @@ class ChatClientTest(unittest.TestCase):
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
     def test_memory_stays_bounded_against_a_server_that_does_not_read(self):
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        listener.settimeout(WAIT)
+        listener, port = a_listener(self)
         client = Proc(self, "chat_client.py", "--host", "127.0.0.1",
-                      "--port", str(listener.getsockname()[1]), "--name", "J")
+                      "--port", str(port), "--name", "J")
         conn, _ = listener.accept()  # and never reads
         self.addCleanup(conn.close)
         os.set_blocking(client.in_fd, False)
@@ -1501,11 +1497,8 @@ class FakeNats:
     CONNECT, SUB and PING, and answers PONG. Then the test plays NATS by hand."""
 
     def __init__(self, test, max_payload=1024 * 1024, info=None):
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener, self.port = a_listener(test)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # fills soon
-        test.addCleanup(self.listener.close)
-        self.listener.settimeout(WAIT)
-        self.port = self.listener.getsockname()[1]
         self.info = info or b'INFO {"server_id":"fake","proto":1,"max_payload":%d}\r\n' % max_payload
         self.test = test
 
@@ -1631,6 +1624,26 @@ class NatsLinkTest(unittest.TestCase):
         self.assertEqual(bob.line(), b"Ann: it is back")
         self.assertEqual(cy.line(), b"Ann: it is back")
 
+    def test_chat_server_copied_alone_runs_step_4_and_says_what_step_5_needs(self):
+        folder = tempfile.mkdtemp(prefix="test_chat.")
+        self.addCleanup(shutil.rmtree, folder)
+        shutil.copy(os.path.join(HERE, "chat_server.py"), folder)
+        alone = os.path.join(folder, "chat_server.py")
+        server = subprocess.Popen([sys.executable, alone, "--port", "0"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, preexec_fn=with_default_sigint())
+        self.addCleanup(lambda: server.poll() is None and server.kill() or server.wait())
+        port = int(LISTENING.fullmatch(server.stdout.readline().decode().strip()).group(3))
+        self.addCleanup(server.stdout.close)
+        ann, bob = Peer(self, port), Peer(self, port)
+        self.assertEqual((ann.line(), ann.line()), (WELCOME, b"* a user joined (2 online)"))
+        ann.send(b"Ann: step 4, alone\n")
+        self.assertEqual((bob.line(), bob.line()), (WELCOME, b"Ann: step 4, alone"))
+        result = subprocess.run([sys.executable, alone, "--port", "0", "--nats", "127.0.0.1:4222"],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn("error: --nats needs nats_link.py beside chat_server.py", result.stderr)
+
     def test_unreachable_nats_at_start_is_a_one_line_error_and_status_1(self):
         port = free_port()
         server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{port}")
@@ -1718,6 +1731,29 @@ class NatsLinkTest(unittest.TestCase):
         fake.greet()  # it links again
         server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} is back")
         self.assertLess(peak_rss_mb(server.pid), 60)
+
+    @needs_linux_limits
+    def test_the_link_comes_back_on_a_descriptor_select_can_watch_with_every_seat_taken(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < 2500:
+            if hard != resource.RLIM_INFINITY and hard < 2500:
+                self.skipTest("needs 2500 open files")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2500, hard))  # (this process only)
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        fake = FakeNats(self)
+        server, conn, _ = fake.linked_server("--max-clients", "1100")
+        peers = [Peer(self, server.port) for _ in range(1000)]
+        self.assertEqual(peers[-1].line(), WELCOME)
+        conn.close()  # NATS goes away; meanwhile more clients come, for every descriptor
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} lost")
+        peers += [Peer(self, server.port) for _ in range(100)]
+        peers[-1].sock.recv(1)  # (a welcome, or "server full": either way it was seen)
+        fake.greet()  # the link is made again: on a descriptor below FD_SETSIZE, or select()
+        server.wait_for_log(f"NATS link to 127.0.0.1:{fake.port} is back")  # would fail
+        late = Peer(self, server.port)
+        self.assertEqual(late.line(), b"error: server full, try again later")
+        self.assertIsNone(server.popen.poll())
+        no_traceback(self, server.stderr())
 
     # NATS is a trust boundary: anyone who can publish on the subject is a peer, and what
     # arrives gets a client's rules.
@@ -2165,7 +2201,7 @@ class LoadTestTest(unittest.TestCase):
         self.assertEqual((rows["clients held"], rows["refused politely"], rows["one line reached"]),
                          ("8", "2", "7"), rows)
 
-    @unittest.skipUnless(shutil.which("nats-server") or os.path.exists("/usr/sbin/nats-server"),
+    @unittest.skipUnless(NATS_SERVER,
                          "needs nats-server (Debian: apt install nats-server)")
     def test_its_cluster_of_linked_servers_holds_and_checks_every_line(self):
         result = subprocess.run(
