@@ -2,7 +2,6 @@
 """Step 2: an echo client. Type a line, it goes to the server, and the echo comes back.
 
 Run it:      python echo_client.py             (with echo_server.py running)
-Options:     python echo_client.py --help
 
     send: hello
     recv: hello
@@ -40,8 +39,9 @@ def echo_line(sock, line, inbuf):
     inbuf keeps what arrived after that line for the next call."""
     outbuf = bytearray(line)
     limit = len(line) + BUFFER_LIMIT  # the most we keep without a newline: memory stays bounded
-    complete = b"\n" in inbuf
-    while outbuf or (not complete and len(inbuf) < limit):  # something to send, or to wait for
+    # We wait for the echo until its "\n" is in, or until we hold all we keep without one.
+    waiting = b"\n" not in inbuf and len(inbuf) < limit
+    while outbuf or waiting:
         # Watch for writability only while we still have bytes to send; stop reading while
         # what came back piles up (a server that never reads cannot grow us).
         want_read = [sock] if len(inbuf) < limit else []
@@ -64,12 +64,8 @@ def echo_line(sock, line, inbuf):
             if not data:  # b"": the server closed the connection
                 raise ServerClosed
             inbuf += data
-            complete = complete or b"\n" in data  # look in the new piece only (speed)
-    if not complete:  # no newline in sight: what we have is all we keep
-        echoed = bytes(inbuf)
-        inbuf.clear()
-        return echoed
-    echoed, _, rest = inbuf.partition(b"\n")
+            waiting = waiting and b"\n" not in data and len(inbuf) < limit  # new piece only
+    echoed, _, rest = inbuf.partition(b"\n")  # no "\n" in sight: all we hold is the echo
     inbuf[:] = rest
     return bytes(echoed)
 
