@@ -303,6 +303,26 @@ def transfer(sock, payload, timeout=WAIT):
     return bytes(received)
 
 
+def feed_until_it_stops_taking(out, data, most, also_read=()):
+    """Write data again and again to out (a socket or a file descriptor) while the other
+    side takes it, reading also_read meanwhile, until it has taken nothing for 0.3 s (a
+    program whose memory is bounded stops taking) or most bytes have gone (one whose
+    memory is not would have taken them all). Returns how much it took."""
+    write = out.send if isinstance(out, socket.socket) else lambda chunk: os.write(out, chunk)
+    fed, last_taken = 0, time.monotonic()
+    while fed < most and time.monotonic() - last_taken < 0.3:
+        readable, writable, _ = select.select(list(also_read), [out], [], 0.05)
+        for fd in readable:  # what it prints must be read, or it would wait on us
+            os.read(fd, 1 << 20)
+        if writable:
+            try:
+                fed += write(data)
+            except BlockingIOError:
+                continue
+            last_taken = time.monotonic()
+    return fed
+
+
 needs_linux_limits = unittest.skipUnless(resource and sys.platform.startswith("linux"),
                                          "needs descriptor limits and /proc")
 
@@ -611,11 +631,7 @@ class EchoClientTest(unittest.TestCase):
         self.addCleanup(conn.close)
         client.type("hello\n")
         conn.setblocking(False)
-        endless, sent, end = b"x" * (1 << 20), 0, time.monotonic() + 1.5
-        while time.monotonic() < end and sent < 500 * 1024 * 1024:  # as much as it takes
-            client._read_some(0)
-            if select.select([], [conn], [], 0.05)[1]:
-                sent += conn.send(endless)
+        sent = feed_until_it_stops_taking(conn, b"x" * (1 << 20), 300 << 20)
         self.assertLess(peak_rss_mb(client.pid), 60, f"{sent} bytes sent")
         client.expect("recv: xxxx")
 
@@ -627,11 +643,8 @@ class EchoClientTest(unittest.TestCase):
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
         client.type("x" * (8 << 20) + "\n")  # 8 MB that the server never reads
-        conn.setblocking(False)
-        endless, sent, end = b"x" * (1 << 20), 0, time.monotonic() + 1.5
-        while time.monotonic() < end:  # it sends, and sends, and never reads
-            if select.select([], [conn], [], 0.05)[1]:
-                sent += conn.send(endless)
+        conn.setblocking(False)  # it sends, and sends, and never reads
+        sent = feed_until_it_stops_taking(conn, b"x" * (1 << 20), 300 << 20)
         self.assertLess(peak_rss_mb(client.pid), 100, f"{sent} bytes sent")
         self.assertIsNone(client.popen.poll())  # it waits, with bounded memory, for the server
 
@@ -641,11 +654,8 @@ class EchoClientTest(unittest.TestCase):
         client = Proc(self, "echo_client.py", "--host", "127.0.0.1", "--port", str(port))
         conn, _ = listener.accept()
         self.addCleanup(conn.close)
-        os.set_blocking(client.in_fd, False)
-        zeros, fed, end = bytes(1 << 20), 0, time.monotonic() + 1.5
-        while time.monotonic() < end and fed < 300 * 1024 * 1024:  # a line with no end
-            if select.select([], [client.in_fd], [], 0.05)[1]:
-                fed += os.write(client.in_fd, zeros)
+        os.set_blocking(client.in_fd, False)  # a line with no end
+        fed = feed_until_it_stops_taking(client.in_fd, bytes(1 << 20), 300 << 20)
         self.assertLess(peak_rss_mb(client.pid), 120, f"fed {fed} bytes")
 
     def test_a_closed_stdout_ends_it_quietly(self):
@@ -785,13 +795,8 @@ class ChatClientTest(unittest.TestCase):
         conn, _ = listener.accept()  # and never reads
         self.addCleanup(conn.close)
         os.set_blocking(client.in_fd, False)
-        lines, fed, end = (b"y" * 4000 + b"\n") * 16, 0, time.monotonic() + 1.5
-        while time.monotonic() < end and fed < 500 * 1024 * 1024:
-            readable, writable, _ = select.select([client.out_fd], [client.in_fd], [], 0.05)
-            if readable:  # what it prints of our lines must be read, or it would wait
-                os.read(client.out_fd, 1 << 20)
-            if writable:
-                fed += os.write(client.in_fd, lines)
+        lines = (b"y" * 4000 + b"\n") * 16
+        fed = feed_until_it_stops_taking(client.in_fd, lines, 300 << 20, [client.out_fd])
         self.assertLess(peak_rss_mb(client.pid), 40, f"fed {fed} bytes")
 
     def test_what_the_server_says_while_the_name_is_asked_is_shown_after_it(self):
