@@ -3,15 +3,12 @@
 
 Run it:      python chat_client.py             (with chat_server.py, or echo_server.py, running)
 
-It asks for your name, then sends each line you type as "John: Hi". Lines from the
-server are printed as soon as each one is whole. Against step 1's echo server you see
-your own line twice: once as we print it, once as the server sends it back.
-
-What to notice: one select() call waits on two things, standard input and the socket,
-so a message can arrive while you are typing. Both are byte streams that we cut into
-lines ourselves. And text from the network is untrusted: we make control characters
-visible, so no one can clear your screen or retitle your terminal. What a real client
-needs besides the lesson (Windows included) comes after the line "The fine print".
+It asks your name, then sends each line you type as "John: Hi" and prints each line from
+the server as soon as it is whole, even while you type. (Against step 1's echo server you
+see your lines twice.) Text from the network is untrusted: we show control characters as
+escapes, so no one can clear your screen. What a real client needs besides the lesson
+comes after the line "The fine print": a terminal's line editor, and Windows, where
+select() watches sockets only, so there it gets a stand-in that polls the keyboard.
 """
 import argparse
 import codecs
@@ -21,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-import types
 import unicodedata
 
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
@@ -31,16 +27,17 @@ QUIT_WORDS = ("quit", "exit")
 
 
 def chat(sock, name, keyboard, inbuf, linger):
-    """The select loop; returns the exit status. inbuf: server bytes awaiting their "\n"."""
+    """The select loop; returns the exit status. inbuf: what came while we asked your name."""
     outbuf = bytearray()     # our lines that the kernel has not taken yet
     last = bytearray()       # the last line the server sent: finish() asks if it refused us
     typing = True            # False after quit or end of input: send what is queued, then go
+    show_lines(inbuf, last)  # the welcome, if it came while we asked your name
     while typing or outbuf:
         # One wait for both: a line from the server can arrive while we type. (The keyboard
         # waits while our output piles up: a server that stops reading cannot grow us.)
         want_read = [sock, keyboard] if typing and len(outbuf) < BUFFER_LIMIT else [sock]
         want_write = [sock] if outbuf else []
-        readable, writable, _ = select.select(want_read, want_write, [])  # Windows: select_windows()
+        readable, writable, _ = select.select(want_read, want_write, [])
         keyboard.hide()  # in a terminal, the half-typed line steps aside while we print
         if sock in readable and not show_received(sock, inbuf, last):
             return server_closed(keyboard)
@@ -59,8 +56,7 @@ def chat(sock, name, keyboard, inbuf, linger):
 
 
 def show_received(sock, inbuf, last):
-    """Read what the server sent and print every complete line, the last one also kept in
-    last. False once the server has closed the connection."""
+    """Read what the server sent and print every complete line. False once it has closed."""
     try:
         data = sock.recv(RECV_SIZE)
     except BlockingIOError:
@@ -72,19 +68,23 @@ def show_received(sock, inbuf, last):
             show(inbuf)
         return False
     inbuf += data
-    for line in split_lines(inbuf):
-        show(line)
-        last[:] = line
-    if len(inbuf) > BUFFER_LIMIT:  # no newline in sight: print it in pieces, keep memory bounded
+    show_lines(inbuf, last)
+    if len(inbuf) > BUFFER_LIMIT:  # no "\n" in sight: print it in pieces, memory stays bounded
         show(inbuf)
         inbuf.clear()
     return True
 
 
+def show_lines(inbuf, last):
+    """Take the complete lines out of inbuf and print them; keep the last one in last."""
+    for line in split_lines(inbuf):
+        show(line)
+        last[:] = line
+
+
 def show(line):
-    """Print a line from the server. It is untrusted: harmless() shows control characters
-    as escapes (\\x1b), so ESC [2J cannot clear your screen, and so are the characters that
-    hide or reorder text (U+202E), with which one user could pass for another."""
+    """Print a line from the server, made harmless(): ESC [2J in it must not clear your
+    screen, nor U+202E reorder what you read so that one user passes for another."""
     print(harmless(line.decode("utf-8", errors="replace")), flush=True)
 
 
@@ -101,10 +101,8 @@ def read_keyboard(keyboard, name, outbuf):
     for text in lines:
         if text.strip().lower() in QUIT_WORDS:
             return False
-        if text:  # empty lines are not sent
-            message = f"{name}: {text}"
-            if too_long_to_send(message):  # the server would refuse it: see the fine print
-                continue
+        message = f"{name}: {text}"
+        if text and not too_long_to_send(message):  # empty lines are not sent
             print(message, flush=True)
             outbuf += message.encode("utf-8") + b"\n"
     return still_open
@@ -144,9 +142,8 @@ class Keyboard:
 
 
 def finish(sock, inbuf, keyboard, last, linger):
-    """We have nothing more to say; returns the exit status. In a terminal we leave at once.
-    From a pipe we shut down our side and show what the server still says until it closes
-    (--linger seconds at most); if its last line refused us (error: ...), the status is 1."""
+    """The exit status: 0 at once in a terminal. From a pipe we half-close, show what the
+    server still says (--linger s at most), and return 1 if its last line was "error: ..."."""
     if keyboard.interactive:
         return 0
     show_the_rest(sock, inbuf, last, linger)
@@ -184,6 +181,7 @@ except ImportError:
 if os.name == "nt":
     import ctypes
     import msvcrt
+    import types
     from ctypes import wintypes
 
 
@@ -196,6 +194,7 @@ class TerminalKeyboard(Keyboard):
     interrupts), keep the typed line here, and around everything the loop prints we wipe
     it off the screen, then draw it again below. The editor knows Backspace, Ctrl-U,
     Enter and Ctrl-D, and skips arrow keys (readline does far more)."""
+    interactive = True
 
     def __init__(self, fd):
         super().__init__(fd)
@@ -207,8 +206,6 @@ class TerminalKeyboard(Keyboard):
         self.chars = []  # one entry per character, so Backspace removes a character
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
         self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
-
-    interactive = True
 
     def restore(self):
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
@@ -403,7 +400,7 @@ def select_windows(want_read, want_write, want_error=(), timeout=None):
     sockets = [s for s in want_read if isinstance(s, socket.socket)]
     inputs = [i for i in want_read if not isinstance(i, socket.socket)]
     ready = [i for i in inputs if input_waiting(i)]
-    if ready or inputs:
+    if inputs:
         timeout = 0 if ready else POLL_EVERY if timeout is None else min(timeout, POLL_EVERY)
     if sockets or want_write:
         readable, writable, _ = windows_select.select(sockets, want_write, [], timeout)
@@ -413,7 +410,10 @@ def select_windows(want_read, want_write, want_error=(), timeout=None):
     return readable + (ready or [i for i in inputs if input_waiting(i)]), writable, []
 
 
-if os.name == "nt":  # In the lesson, and below, select.select() is then select_windows().
+# On Windows, where select.select() watches sockets only, the name select means from here
+# on a stand-in whose select() is select_windows() (the real module is kept as windows_select),
+# so the lesson's one wait, and every other, works unchanged.
+if os.name == "nt":
     windows_select, select = select, types.SimpleNamespace(select=select_windows)
 
 
@@ -468,7 +468,7 @@ def ask_name(fd, sock, inbuf):
                 return ""
             if fd not in readable:
                 continue
-            data = os.read(fd, BUFFER_LIMIT if os.isatty(fd) else 1)
+            data = os.read(fd, RECV_SIZE if os.isatty(fd) else 1)
             if not data or data.startswith(b"\x1a") and os.isatty(fd):
                 return None  # the end of input (in a Windows console: Ctrl-Z, then Enter)
             line += data
@@ -529,9 +529,7 @@ def show_the_rest(sock, inbuf, last, linger):
         if not data and inbuf:  # closed: an unfinished last line still counts
             inbuf += b"\n"
         inbuf += data
-        for line in split_lines(inbuf):
-            show(line)
-            last[:] = line
+        show_lines(inbuf, last)
         if not data:
             break
         if len(inbuf) > BUFFER_LIMIT:  # no newline in sight: keep memory bounded
@@ -572,6 +570,11 @@ def keep_stdio_usable():
         stream.reconfigure(errors="replace")
 
 
+def describe(err):
+    """An OSError in a few lower-case words: "connection refused"."""
+    return (err.strerror or str(err)).lower()
+
+
 def format_addr(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -589,8 +592,7 @@ def connect(host, port):
         print(f"error: cannot connect to {where}: connection refused (is the server running?)",
               file=sys.stderr)
     except OSError as err:
-        print(f"error: cannot connect to {where}: {(err.strerror or str(err)).lower()}",
-              file=sys.stderr)
+        print(f"error: cannot connect to {where}: {describe(err)}", file=sys.stderr)
     return None
 
 
@@ -624,12 +626,10 @@ def main(argv=None):
             name = (args.name or "").strip() or ask_name_in_console(keyboard, sock, inbuf)
         else:
             name = (args.name or "").strip() or ask_name(stdin, sock, inbuf)
-        if name == "":
-            return server_closed(keyboard or Keyboard(stdin))
+        if name == "":  # (what you typed of your name is on the screen already)
+            return server_closed(Keyboard(stdin))
         if not name:
             return 0
-        for line in split_lines(inbuf):
-            show(line)
         if not keyboard and termios and os.isatty(stdin) and sys.stdout.isatty():
             # SIGTERM, SIGHUP (the terminal went away) and SIGQUIT (Ctrl-\) become
             # KeyboardInterrupt too, so the finally below restores the terminal.
