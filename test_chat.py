@@ -770,6 +770,20 @@ class ChatClientTest(unittest.TestCase):
         conn.close()
         self.assertEqual(client.wait(), 1)
 
+    def test_from_a_pipe_a_refusal_that_came_while_the_name_was_asked_gives_status_1(self):
+        listener, port = a_listener(self)
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(port))
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.sendall(b"error: server full, try again later\n")  # it closes only after us
+        client.type("Ann\n")
+        client.close_stdin()
+        conn.settimeout(WAIT)
+        self.assertEqual(conn.recv(100), b"")  # the client has said all it will say
+        conn.close()
+        self.assertEqual(client.wait(), 1)
+        self.assertIn("error: server full, try again later", client.read_to_end())
+
     def test_from_a_pipe_what_the_server_sends_after_the_last_line_is_still_shown(self):
         echo = Server(self, "echo_server.py")
         client = self.client("--name", "John", server=echo)
