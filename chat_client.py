@@ -318,20 +318,23 @@ def harmless(text):
         return text  # the common case, checked in C
     shown = []
     for i, char in enumerate(text):
-        if char == ZWJ and 0 < i < len(text) - 1 and is_emoji(text[i - 1 - (text[i - 1] == VS16)]) \
-                and is_emoji(text[i + 1]):
+        before = text[max(0, i - 2):i].rstrip(VS16)[-1:]  # (an emoji may end in VS16)
+        if char == ZWJ and is_emoji(before) and is_emoji(text[i + 1:i + 2]):
             shown.append(char)
-        elif char != "\t" and (unicodedata.category(char) in INVISIBLE_CATEGORIES or char in INVISIBLE):
+        elif char != "\t" and (unicodedata.category(char) in INVISIBLE_CATEGORIES
+                                or char in INVISIBLE):
             code = ord(char)
-            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
-                         else f"\\U{code:08x}")
+            shown.append(f"\\x{code:02x}" if code < 0x100 else
+                         f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
         else:
             shown.append(char)
     return "".join(shown)
 
 
 def is_emoji(char):
-    return unicodedata.category(char) == "So" or "\U0001f3fb" <= char <= "\U0001f3ff"
+    """True for a pictograph or a skin tone; False for anything else, or no character."""
+    skin_tone = "\U0001f3fb" <= char <= "\U0001f3ff"
+    return char != "" and (unicodedata.category(char) == "So" or skin_tone)
 
 
 def terminal_columns():
