@@ -87,7 +87,8 @@ def serve(server):
 
         # The one place we wait: until a socket is ready or a timer is due. Writable means the
         # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
-        readable, writable, _ = select.select(want_read, want_write, [], time_to_next_timer(server))
+        timeout = time_to_next_timer(server)
+        readable, writable, _ = select.select(want_read, want_write, [], timeout)
         for sock in readable:
             if sock is server.listener:
                 accept_clients(server)
@@ -122,7 +123,8 @@ def time_to_next_timer(server):
     again; TICK at most, so a Ctrl-C is never missed for long."""
     now, timers = time.monotonic(), [server.accept_paused_until]
     timers += [now + server.settings.stall_budget - c.stalled for c in server.waited_for]
-    timers += [c.last_sent + server.settings.drain_timeout for c in server.clients.values() if c.closing]
+    timers += [c.last_sent + server.settings.drain_timeout
+               for c in server.clients.values() if c.closing]
     return min([TICK] + [t - now for t in timers if t > now])
 
 

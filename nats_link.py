@@ -226,7 +226,8 @@ def parse_address(address):
     elif os.environ.get("NATS_TOKEN"):
         credentials = {"auth_token": os.environ["NATS_TOKEN"]}
     elif os.environ.get("NATS_USER"):
-        credentials = {"user": os.environ["NATS_USER"], "pass": os.environ.get("NATS_PASSWORD", "")}
+        credentials = {"user": os.environ["NATS_USER"],
+                       "pass": os.environ.get("NATS_PASSWORD", "")}
     else:
         credentials = {}
     return url.hostname, port, credentials
