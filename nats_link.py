@@ -1,6 +1,6 @@
 """Step 5: several chat servers, one room, through a NATS server.
 
-Run it:      nats-server -a 127.0.0.1 -p 4222                (Debian: apt install nats-server)
+Run it:      /usr/sbin/nats-server -a 127.0.0.1 -p 4222      (Debian: apt install nats-server)
              python chat_server.py --port 7001 --nats localhost:4222
              python chat_server.py --port 7002 --nats localhost:4222
 
