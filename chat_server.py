@@ -53,6 +53,7 @@ class Server:
         self.waited_for = []        # the readers the room waits for this turn ...
         self.turn_began = time.monotonic()  # ... since this moment
         self.peers = []             # step 5: other servers' rooms joined to ours (nats_link.py)
+        self.turn_is_full = False   # a reader is one read from OUTBUF_LIMIT: read no more now
 
 
 def open_listener(host, port):
@@ -89,10 +90,11 @@ def serve(server):
         # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
         timeout = time_to_next_timer(server)
         readable, writable, _ = select.select(want_read, want_write, [], timeout)
+        server.turn_is_full = False
         for sock in readable:
             if sock is server.listener:
                 accept_clients(server)
-            elif sock in clients:  # skip a client dropped earlier in this pass
+            elif sock in clients and not server.turn_is_full:  # (see broadcast())
                 read_from(clients[sock], server)
         for peer in server.peers:
             peer.serve_ready(readable, writable)
@@ -188,6 +190,8 @@ def broadcast(data, server, sender=None):
         # A client already past OUTBUF_LIMIT gets nothing more: it is dropped this turn.
         if client is not sender and not client.closing and len(client.outbuf) <= OUTBUF_LIMIT:
             client.outbuf += data
+            if len(client.outbuf) > OUTBUF_LIMIT - RECV_SIZE:  # one more read could drop it:
+                server.turn_is_full = True  # several senders in one turn wait for the next
     for peer in server.peers:  # step 5: the other servers' clients are in the room too
         if peer is not sender:
             peer.publish(data)

@@ -1390,6 +1390,30 @@ class ChatServerTest(unittest.TestCase):
             got = got.replace(notice, b"", 1)
         self.assertEqual(bytes(got), lines)  # every line, once, in order
 
+    def test_several_senders_in_one_turn_get_no_reader_dropped(self):
+        # Eight clients send 60 KB each at the same moment: one turn could read all of
+        # them, 480 KB for a reader who cannot take it yet (a small receive buffer, and not
+        # reading for 0.3 s). The turn stops reading before any reader can pass 256 KiB.
+        reader = a_small_receive_buffer()
+        self.addCleanup(reader.close)
+        reader.connect(("127.0.0.1", self.server.port))
+        senders = [self.join() for _ in range(8)]
+        burst = b"".join(b"%06d " % n + b"z" * 48 + b"\n" for n in range(1100))  # 60.5 KB
+        for sender in senders:
+            sender.sock.setblocking(False)
+            sender.sock.send(burst)
+        reader.setblocking(False)
+        got, start, end = bytearray(), time.monotonic(), time.monotonic() + 2 * WAIT
+        while got.count(b"z\n") < 8 * 1100:
+            self.assertLess(time.monotonic(), end, f"the reader has {len(got)} bytes")
+            socks = [s.sock for s in senders] + ([reader] if time.monotonic() > start + 0.3 else [])
+            for sock in select.select(socks, [], [], 0.05)[0]:
+                data = sock.recv(1 << 20)  # the senders read what the others send, too
+                self.assertTrue(data, "a connection was closed")
+                if sock is reader:
+                    got += data
+        self.assertNotIn("dropped", self.server.stderr())
+
     def test_one_client_flooding_gets_no_reader_dropped_and_every_line_arrives(self):
         # One client sends lines as fast as TCP takes them, for 1.5 s. Four real chat
         # clients read them and print each one, at the pace a chat client reads.
