@@ -24,6 +24,8 @@ OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not readi
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
 BEHIND = 64 * 1024          # a reader with more unsent than this holds the room back
 STALL_BUDGET = 2.0          # seconds a reader may hold the room back: see drop_slow_readers()
+PAYBACK = 0.1 / BEHIND      # seconds of the room's wait that one byte read pays for
+REFILL = 0.2                # budget earned back each second the room does not wait for a reader
 BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
 WELCOME = b"Welcome to the chatroom!\n"
@@ -110,8 +112,8 @@ def room_is_waiting(server):
     """Flood control. While a reader still in the room has more than BEHIND (64 KiB)
     unsent, we read no one: TCP then slows every sender down to the pace of the slowest
     reader. This is step 1's backpressure, for the whole room: one client sending as fast
-    as it can never gets readers who read at a normal pace dropped. drop_slow_readers()
-    makes sure that no reader holds the room back for long."""
+    as it can never gets readers who read at a normal pace dropped. It also notes whom the
+    room waits for this turn, and since when: drop_slow_readers() charges them for it."""
     server.waited_for = [c for c in server.clients.values()
                          if len(c.outbuf) > BEHIND and not c.closing]
     server.waited_for += [peer for peer in server.peers if peer.behind()]
@@ -222,11 +224,23 @@ def drop_slow_readers(server):
     closed after --drain-timeout (10 s) in which it took nothing."""
     limit = server.settings.drain_timeout
     for client in list(server.clients.values()):
-        if over_stall_budget(client, server) or len(client.outbuf) > OUTBUF_LIMIT:
+        if spend_stall_budget(client, server) or len(client.outbuf) > OUTBUF_LIMIT:
             drop_client(client, server, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
         elif client.closing and time.monotonic() - client.last_sent > limit:
             log(f"{client.addr} closed: took nothing for {limit:g} s after leaving")
             drop_client(client, server, "")
+
+
+def spend_stall_budget(client, server):
+    """Charge client for the turn that just ended, if the room waited for it: the time it did
+    not pay for by reading. Otherwise refill its budget. True once the budget is spent."""
+    waited = time.monotonic() - server.turn_began
+    if client in server.waited_for:  # what it did not pay for by reading is charged
+        client.stalled += max(0.0, waited - client.taken * PAYBACK)
+    else:
+        client.stalled = max(0.0, client.stalled - waited * REFILL)
+    client.taken = 0
+    return client.stalled > server.settings.stall_budget
 
 
 def drop_client(client, server, why):
@@ -263,8 +277,6 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 SNDBUF = 64 * 1024
 log_lost = 0                # log lines that stderr could not take: see log()
 SERVER_FULL = b"error: server full, try again later\n"
-PAYBACK = 0.1 / BEHIND      # seconds of the room's wait one byte read pays for: 0.1 per 64 KiB
-REFILL = 0.2                # stall budget earned back each second the room does not wait
 
 
 def log(message):
@@ -349,18 +361,6 @@ def set_socket_options(sock):
     # before is acknowledged, which can add 40 ms to a chat line (bench/nagle.py).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-
-
-def over_stall_budget(client, server):
-    """Charge or refill client's stall budget for the turn that just ended, by the rule of
-    drop_slow_readers(); True once it is spent."""
-    waited = time.monotonic() - server.turn_began
-    if client in server.waited_for:  # what it did not pay for by reading is charged
-        client.stalled += max(0.0, waited - client.taken * PAYBACK)
-    else:
-        client.stalled = max(0.0, client.stalled - waited * REFILL)
-    client.taken = 0
-    return client.stalled > server.settings.stall_budget
 
 
 def default_max_clients():

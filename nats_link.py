@@ -4,8 +4,9 @@ Run it:      /usr/sbin/nats-server -a 127.0.0.1 -p 4222      (Debian: apt instal
              python chat_server.py --port 7001 --nats localhost:4222
              python chat_server.py --port 7002 --nats localhost:4222
 
-chat_server.py loads this module only for --nats, and hands it what it needs: its Server,
-its broadcast() (to relay lines to its own clients), its log, and the room's rules. Each
+chat_server.py loads this module only for --nats and calls join() with what it needs: its
+Server, its broadcast() (the link relays what it gets to our clients with itself as the
+sender, so nothing goes back to NATS), its log, and the room's rules. Each
 server publishes what its clients say on the subject "chatroom", and relays to its own
 clients what the others publish. The link is one more socket in the same select() loop:
 serve() calls add_sockets() before select() and serve_ready() after it, broadcast() calls
@@ -20,7 +21,10 @@ chatroom 1 N, then N bytes (handle_input()). NATS sends PING now and then; we an
 A peer server is as untrusted as a client: anyone who can publish on the subject is one.
 What comes from NATS gets a client's rules: whole lines only, each within the line limit,
 payloads within our own cap (whatever NATS's INFO claims), and no reading while the room
-waits for a reader. A link that holds the room back is dropped like a slow reader.
+waits for a reader. A link that holds the room back is dropped like a slow reader (by
+check_health(), with the reader's stall budget), and made again. A MSG over our cap drops
+the link (it is made again at once), so a peer can cost us that reconnect, not memory.
+Connecting never waits either: connect_ex() starts it, and select() says when it is done.
 Left out: TLS to NATS, JetStream (core NATS delivers at most once: lines sent while the
 link is down are lost), and a count of the whole room (each server counts its own).
 What a real link needs besides the lesson comes after the line "The fine print".
