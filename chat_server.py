@@ -66,7 +66,7 @@ def open_listener(host, port):
     family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
     listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
     if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
     listener.bind(addr)         # claim the address and port: fails if another server has it
     listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
     listener.setblocking(False)

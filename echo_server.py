@@ -4,8 +4,8 @@
 Run it:      python echo_server.py        then, in another terminal: nc localhost 7007
 
 Every byte a client sends comes back to it, unchanged and in order. One loop serves
-everyone: select.select() says which sockets are ready, and we touch only those. Left
-out: idle timeouts, UDP (RFC 862 has it), TLS, and what comes after "The fine print".
+everyone: select.select() waits until some socket is ready, so no client waits on
+another. Left out: idle timeouts, UDP (RFC 862 has it), TLS, and the fine print.
 """
 import argparse
 import errno
@@ -50,7 +50,7 @@ def open_listener(host, port):
     family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
     listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
     if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: no need)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
     listener.bind(addr)         # claim the address and port: fails if another server has it
     listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
     listener.setblocking(False)
