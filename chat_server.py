@@ -3,11 +3,9 @@
 
 Run it:      python chat_server.py        then: python chat_client.py, in two terminals
 
-This is echo_server.py grown by two ideas. Framing: TCP delivers a byte stream, so we
-cut it into lines ourselves. Fan-out: a line is queued for every other client instead of
-sent back. Lines that start with "* " are the server's notices. Left out: names (each
-client writes its own), rooms, and what comes after "The fine print". Step 5 (--nats,
-nats_link.py) shares the room with other servers.
+This is echo_server.py grown by two ideas. Framing: TCP delivers a byte stream, so we cut
+it into lines. Fan-out: a line is queued for every other client instead of sent back; "* "
+starts the server's notices. Left out: names (each client sends its own) and rooms.
 """
 import argparse
 import errno
@@ -24,12 +22,7 @@ OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not readi
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
 BEHIND = 64 * 1024          # a reader with more unsent than this holds the room back
 STALL_BUDGET = 2.0          # seconds a reader may hold the room back: see drop_slow_readers()
-PAYBACK = 0.1 / BEHIND      # seconds of the room's wait that one byte read pays for
-REFILL = 0.2                # budget earned back each second the room does not wait for a reader
-BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
-WELCOME = b"Welcome to the chatroom!\n"
-LINE_TOO_LONG = f"error: line too long (limit {LINE_LIMIT} bytes)\n".encode()
 
 
 class Client:
@@ -58,33 +51,16 @@ class Server:
         self.turn_is_full = False   # a reader is one read from OUTBUF_LIMIT: read no more now
 
 
-def open_listener(host, port):
-    """The listening socket, made non-blocking like every socket the loop serves. A
-    blocking call (accept, recv, send) waits until it can do its job, and while it waits
-    for one client, the loop serves nobody else. A non-blocking call does what it can now
-    or raises BlockingIOError, and select() does the waiting, for all sockets at once."""
-    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
-    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
-    if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
-    listener.bind(addr)         # claim the address and port: fails if another server has it
-    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
-    listener.setblocking(False)
-    return listener
-
-
 def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
-    clients = server.clients
     while True:
-        # Ask only for what we can act on. The listener: not just after accept() failed for
-        # want of descriptors (we would spin). Clients: none while the room waits for a
-        # reader that is behind (flood control). Writability: only while we have something
-        # to send, or select() would wake us at once: 100% CPU.
+        # Ask only for what we can act on: not the listener just after accept() failed (we
+        # would spin), no client while the room waits for a reader (flood control), and
+        # writability only while we have something to send, or select() wakes us at once.
         want_read = [server.listener] if time.monotonic() >= server.accept_paused_until else []
         if not room_is_waiting(server):
-            want_read += [c.sock for c in clients.values() if not c.closing]
-        want_write = [c.sock for c in clients.values() if c.outbuf]
+            want_read += [c.sock for c in server.clients.values() if not c.closing]
+        want_write = [c.sock for c in server.clients.values() if c.outbuf]
         for peer in server.peers:  # step 5: another server's room, over a socket of its own
             peer.add_sockets(want_read, want_write, bool(server.waited_for))
 
@@ -96,24 +72,24 @@ def serve(server):
         for sock in readable:
             if sock is server.listener:
                 accept_clients(server)
-            elif sock in clients and not server.turn_is_full:  # (see broadcast())
-                read_from(clients[sock], server)
+            elif sock in server.clients and not server.turn_is_full:  # (see broadcast())
+                read_from(server.clients[sock], server)
         for peer in server.peers:
             peer.serve_ready(readable, writable)
         # One send() to every client with output, not only to those select() found writable,
         # so what was queued this turn leaves this turn (speed). A full socket just refuses.
-        for client in list(clients.values()):
+        for client in list(server.clients.values()):
             if client.outbuf:
                 write_to(client, server)
+        close_leavers(server)
         drop_slow_readers(server)
 
 
 def room_is_waiting(server):
-    """Flood control. While a reader still in the room has more than BEHIND (64 KiB)
-    unsent, we read no one: TCP then slows every sender down to the pace of the slowest
-    reader. This is step 1's backpressure, for the whole room: one client sending as fast
-    as it can never gets readers who read at a normal pace dropped. It also notes whom the
-    room waits for this turn, and since when: drop_slow_readers() charges them for it."""
+    """Flood control. While a reader still in the room has more than BEHIND (64 KiB) unsent,
+    we read no one: TCP then slows every sender down to the pace of the slowest reader. This
+    is step 1's backpressure, for the whole room: a client sending flat out never gets readers
+    who keep up dropped. It notes whom the room waits for, and since when: see below."""
     server.waited_for = [c for c in server.clients.values()
                          if len(c.outbuf) > BEHIND and not c.closing]
     server.waited_for += [peer for peer in server.peers if peer.behind()]
@@ -122,9 +98,8 @@ def room_is_waiting(server):
 
 
 def time_to_next_timer(server):
-    """How long select() may wait: until a reader the room waits for runs out of its stall
-    budget, a client that has left runs out of --drain-timeout, or accept() may be tried
-    again; TICK at most, so a Ctrl-C is never missed for long."""
+    """How long select() may wait: until a client that has left runs out of --drain-timeout,
+    or accept() may be tried again; TICK at most, so a Ctrl-C is never missed for long."""
     now, timers = time.monotonic(), [server.accept_paused_until]
     timers += [now + server.settings.stall_budget - c.stalled for c in server.waited_for]
     timers += [c.last_sent + server.settings.drain_timeout
@@ -142,7 +117,7 @@ def accept_clients(server):
             continue
         set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
         server.clients[sock] = client
-        client.outbuf += WELCOME
+        client.outbuf += b"Welcome to the chatroom!\n"
         broadcast(f"* a user joined ({online(server)})\n".encode(), server, sender=client)
         log(f"{client.addr} connected ({online(server)})")
 
@@ -155,13 +130,9 @@ def read_from(client, server):
     except OSError as err:  # ECONNRESET and friends: the client vanished
         drop_client(client, server, f"dropped: {describe(err)}")
         return
+    relay_lines(client, data or b"\n", server)  # at the end, a last line without "\n" counts
     if not data:  # b"": the client shut down its side. It leaves; we send what is left
-        relay_lines(client, b"\n", server)  # a last line without its "\n" still counts
         leave_room(client, server, "disconnected")
-        if not client.outbuf:
-            drop_client(client, server, "disconnected")
-        return
-    relay_lines(client, data, server)
 
 
 def relay_lines(client, data, server):
@@ -182,21 +153,19 @@ def relay_lines(client, data, server):
             batch += line + b"\n"
     broadcast(batch, server, sender=client)
     if too_long:
-        client.outbuf += LINE_TOO_LONG  # we say why, and close once that is sent
+        client.outbuf += b"error: line too long (limit %d bytes)\n" % LINE_LIMIT  # then close
         leave_room(client, server, f"dropped: line longer than {LINE_LIMIT} bytes")
 
 
 def broadcast(data, server, sender=None):
     """Queue data for everyone in the room but the sender; write_to() will send it."""
     for client in server.clients.values():
-        # A client already past OUTBUF_LIMIT gets nothing more: it is dropped this turn.
-        if client is not sender and not client.closing and len(client.outbuf) <= OUTBUF_LIMIT:
+        if client is not sender and not client.closing:
             client.outbuf += data
             if len(client.outbuf) > OUTBUF_LIMIT - RECV_SIZE:  # one more read could drop it:
                 server.turn_is_full = True  # several senders in one turn wait for the next
     for peer in server.peers:  # step 5: the other servers' clients are in the room too
-        if peer is not sender:
-            peer.publish(data)
+        peer.publish(data, sender)
 
 
 def write_to(client, server):
@@ -210,25 +179,72 @@ def write_to(client, server):
     del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
     client.last_sent = time.monotonic()
     client.taken += sent  # (it pays for the room's wait: see drop_slow_readers())
-    if client.closing and not client.outbuf:
-        drop_client(client, server, "disconnected")
 
 
 def drop_slow_readers(server):
-    """Slow readers. While the room waits for a reader, the reader must read: each 64 KiB
-    it takes pays for 0.1 s of waiting. What it does not pay for is charged to its stall
-    budget (--stall-budget, 2 s), which refills by 0.2 s a second while the room does not
-    wait for it. Spent, the reader is dropped, however it spreads its reads: so one reader
-    holds the room back 2 s at once at most, or one second in six over time, unless it
-    reads 640 KiB a second. Past OUTBUF_LIMIT it is dropped at once. One that has left is
-    closed after --drain-timeout (10 s) in which it took nothing."""
-    limit = server.settings.drain_timeout
+    """Slow readers. While the room waits for a reader, each 64 KiB it takes pays for 0.1 s
+    of the wait; the rest is charged to its stall budget (--stall-budget, 2 s), which refills
+    by 0.2 s a second while the room does not wait for it. Spent, or past OUTBUF_LIMIT, the
+    reader is dropped, however it spreads its reads: it holds the room back 2 s at once at
+    most, or one second in six over time, unless it reads 640 KiB a second."""
     for client in list(server.clients.values()):
         if spend_stall_budget(client, server) or len(client.outbuf) > OUTBUF_LIMIT:
             drop_client(client, server, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
+
+
+def close_leavers(server):
+    """A client that has left gets its pending output while it keeps taking it. We close it
+    once all is sent, or after --drain-timeout (10 s) in which send() took nothing."""
+    limit = server.settings.drain_timeout
+    for client in list(server.clients.values()):
+        if client.closing and not client.outbuf:
+            drop_client(client, server, "disconnected")
         elif client.closing and time.monotonic() - client.last_sent > limit:
-            log(f"{client.addr} closed: took nothing for {limit:g} s after leaving")
-            drop_client(client, server, "")
+            drop_client(client, server, f"closed: took nothing for {limit:g} s after leaving")
+
+
+def leave_room(client, server, why):
+    """Tell everyone else, once, that client has left. Its socket closes later."""
+    if not client.closing:
+        client.closing = True
+        broadcast(f"* a user left ({online(server)})\n".encode(), server)
+        log(f"{client.addr} {why} ({online(server)})")
+
+
+# The fine print ------------------------------------------------------------------------
+
+
+# Step 1's listening socket, unchanged.
+def open_listener(host, port):
+    """The listening socket, non-blocking like every socket the loop serves. A blocking call
+    (accept, recv, send) waits until it can act, and while it waits for one client, no one
+    else is served. A non-blocking call acts now or raises BlockingIOError: select() waits."""
+    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
+    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
+    if os.name != "nt":  # bind again at once after a restart, while old connections linger
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
+    listener.bind(addr)         # claim the address and port: fails if another server has it
+    listener.listen(1024)       # from now on the kernel accepts connections: 1024 may queue
+    listener.setblocking(False)
+    return listener
+
+
+# What a real server needs besides the lesson: a log that never stops it, the limits of
+# select() and of the process's descriptors, surviving a failed accept(), a bound on what
+# the kernel holds for a client that stops reading, and the command line.
+
+ACCEPT_BATCH = 16           # connections accepted per turn at most: see accept_waiting()
+ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
+FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see seat_free()
+SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
+# The kernel's send buffer for each client. Left to itself, Linux grows it to 4 MB for a
+# client that does not read: that much of the host's memory for each such client. We
+# set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
+SNDBUF = 64 * 1024
+log_lost = 0                # log lines that stderr could not take: see log()
+SERVER_FULL = b"error: server full, try again later\n"
+PAYBACK = 0.1 / BEHIND      # seconds of the room's wait that one byte read pays for
+REFILL = 0.2                # budget earned back each second the room does not wait for a reader
 
 
 def spend_stall_budget(client, server):
@@ -244,39 +260,17 @@ def spend_stall_budget(client, server):
 
 
 def drop_client(client, server, why):
-    """Close the connection now and forget the client."""
+    """Close the connection now and forget the client, who leaves the room if still in it."""
     del server.clients[client.sock]
     client.sock.close()
+    if client.closing and why != "disconnected":
+        log(f"{client.addr} {why} ({online(server)})")
     leave_room(client, server, why)
 
 
-def leave_room(client, server, why):
-    """Tell everyone else, once, that client has left. Its socket closes later."""
-    if not client.closing:
-        client.closing = True
-        broadcast(f"* a user left ({online(server)})\n".encode(), server)
-        log(f"{client.addr} {why} ({online(server)})")
-
-
 def online(server):
+    """ "3 online": those in the room, not those who have left and get their last lines."""
     return f"{sum(not c.closing for c in server.clients.values())} online"
-
-
-# The fine print ------------------------------------------------------------------------
-# What a real server needs besides the lesson: a log that never stops it, the limits of
-# select() and of the process's descriptors, surviving a failed accept(), a bound on what
-# the kernel holds for a client that stops reading, the command line, and loading step 5.
-
-ACCEPT_BATCH = 16           # connections accepted per turn at most: see accept_waiting()
-ACCEPT_PAUSE = 0.5          # seconds without accept() after it fails (out of descriptors)
-FD_SETSIZE = 512 if os.name == "nt" else 1024  # select()'s ceiling: see seat_free()
-SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener and Python
-# The kernel's send buffer for each client. Left to itself, Linux grows it to 4 MB for a
-# client that does not read: that much of the host's memory for each such client. We
-# set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
-SNDBUF = 64 * 1024
-log_lost = 0                # log lines that stderr could not take: see log()
-SERVER_FULL = b"error: server full, try again later\n"
 
 
 def log(message):
@@ -341,8 +335,8 @@ def seat_free(sock, server):
     cannot watch more than FD_SETSIZE sockets. Past that, select() would fail."""
     if len(server.clients) >= server.settings.max_clients:
         return False
-    if os.name == "nt":  # + 1: the listener; and step 5's link has a socket too
-        return len(server.clients) + 1 + len(server.peers) < FD_SETSIZE
+    if os.name == "nt":
+        return len(server.clients) + 1 + len(server.peers) < FD_SETSIZE  # the listener, links
     return sock.fileno() < FD_SETSIZE
 
 
@@ -398,8 +392,8 @@ def parse_args(argv):
                         help="close a client that has left once it has taken none of its "
                              "pending output for this long (default: %(default)s)")
     parser.add_argument("--stall-budget", type=seconds, default=STALL_BUDGET, metavar="SECONDS",
-                        help="drop a reader once the room has waited this long for it, "
-                             "less what it earned back by reading (default: %(default)s)")
+                        help="drop a reader once the room has waited this long for it, less "
+                             "what it earned back by reading (default: %(default)s)")
     parser.add_argument("--nats", metavar="HOST:PORT",
                         help="share the room with every server linked to this NATS server "
                              "(step 5, nats_link.py; default: no link)")
@@ -440,11 +434,10 @@ def main(argv=None):
         listener = start(args)
         server = listener and Server(listener, args)
         if server and args.nats and not join_nats(server, args.nats):
-            listener.close()
-            return 1
+            server = None  # (join_nats() said why)
     except KeyboardInterrupt:  # Ctrl-C while we start
         return 0
-    if not listener:
+    if not server:
         return 1
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
     # (the terminal went away) do the same. A signal that lands just before select() starts
@@ -461,8 +454,6 @@ def main(argv=None):
             pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
-        for peer in server.peers:  # step 5
-            log(f"linked to NATS at {peer.where}, as {peer.server_name}")
         serve(server)
     except KeyboardInterrupt:
         log("shutting down")  # the system closes every client's socket as we exit
@@ -471,11 +462,8 @@ def main(argv=None):
     return 0
 
 
-
 def join_nats(server, address):
-    """Step 5: link this room with every room on the NATS server at address. The code is
-    in nats_link.py beside this file, loaded only now: copied alone, this file runs steps
-    1 to 4. False, after saying why on stderr, if there is no link."""
+    """Step 5, loaded only for --nats: copied alone, this file runs steps 1 to 4."""
     try:
         import nats_link
     except ImportError as err:

@@ -19,7 +19,6 @@ import time
 DEFAULT_PORT = 7007         # the challenge's port
 RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: bench/README.md)
 PAUSE_READING_AT = 256 * 1024  # a client with this much unsent echo is not read until it drains
-BACKLOG = 1024              # connections the kernel may queue for us while we are busy
 TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
 
 
@@ -42,33 +41,16 @@ class Server:
         self.accept_paused_until = 0.0  # accept() failed for want of descriptors: wait
 
 
-def open_listener(host, port):
-    """The listening socket, made non-blocking like every socket the loop serves. A
-    blocking call (accept, recv, send) waits until it can do its job, and while it waits
-    for one client, the loop serves nobody else. A non-blocking call does what it can now
-    or raises BlockingIOError, and select() does the waiting, for all sockets at once."""
-    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
-    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
-    if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
-    listener.bind(addr)         # claim the address and port: fails if another server has it
-    listener.listen(BACKLOG)    # from now on the kernel accepts connections and queues them
-    listener.setblocking(False)
-    return listener
-
-
 def serve(server):
     """The one loop. It runs until Ctrl-C (KeyboardInterrupt)."""
-    clients = server.clients
     while True:
-        # Ask only for what we can act on. The listener: not just after accept() failed for
-        # want of descriptors (we would spin). A client: not while its echo piles up (TCP
-        # then slows the sender down: backpressure, and our memory stays flat). Writability:
-        # only while we have something to send, or select() would wake us at once: 100% CPU.
+        # Ask only for what we can act on: not the listener just after accept() failed (we
+        # would spin), not a client whose echo piles up (backpressure: TCP slows it down), and
+        # writability only while we have something to send, or select() wakes us at once.
         want_read = [server.listener] if time.monotonic() >= server.accept_paused_until else []
-        want_read += [c.sock for c in clients.values()
+        want_read += [c.sock for c in server.clients.values()
                       if not c.closing and len(c.outbuf) < PAUSE_READING_AT]
-        want_write = [c.sock for c in clients.values() if c.outbuf]
+        want_write = [c.sock for c in server.clients.values() if c.outbuf]
 
         # The one place we wait: until a socket is ready or a timer is due. Writable means the
         # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
@@ -77,14 +59,14 @@ def serve(server):
         for sock in readable:
             if sock is server.listener:
                 accept_clients(server)
-            elif sock in clients:  # skip a client dropped earlier in this pass
-                read_from(clients[sock], server)
+            elif sock in server.clients:  # skip a client dropped earlier in this pass
+                read_from(server.clients[sock], server)
         # One send() to every client with output, not only to those select() found writable,
         # so what was queued this turn leaves this turn (speed). A full socket just refuses.
-        for client in list(clients.values()):
+        for client in list(server.clients.values()):
             if client.outbuf:
                 write_to(client, server)
-        close_stalled_leavers(server)
+        close_leavers(server)
 
 
 def time_to_next_timer(server):
@@ -106,7 +88,7 @@ def accept_clients(server):
             continue
         set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
         server.clients[sock] = client
-        log(f"{client.addr} connected ({len(server.clients)} online)")
+        log(f"{client.addr} connected ({online(server)})")
 
 
 def read_from(client, server):
@@ -119,9 +101,6 @@ def read_from(client, server):
         return
     if not data:  # b"": the client shut down its side. We send what is left, then close
         client.closing = True
-        if not client.outbuf:
-            drop_client(client, server, "disconnected")
-        return
     client.outbuf += data  # the echo: write_to() sends it
 
 
@@ -135,24 +114,31 @@ def write_to(client, server):
         return
     del client.outbuf[:sent]  # send() may take only part: keep the rest for the next turn
     client.last_sent = time.monotonic()
-    if client.closing and not client.outbuf:
-        drop_client(client, server, "disconnected")
 
 
-def close_stalled_leavers(server):
-    """A client that has left gets its pending output while it keeps taking it. After
-    --drain-timeout (10 s) in which send() took nothing, we close it and free its seat."""
+def close_leavers(server):
+    """A client that has left gets its pending output while it keeps taking it. We close it
+    once all is sent, or after --drain-timeout (10 s) in which send() took nothing."""
     limit = server.settings.drain_timeout
     for client in list(server.clients.values()):
-        if client.closing and time.monotonic() - client.last_sent > limit:
+        if client.closing and not client.outbuf:
+            drop_client(client, server, "disconnected")
+        elif client.closing and time.monotonic() - client.last_sent > limit:
             drop_client(client, server, f"closed: took nothing for {limit:g} s after leaving")
 
 
-def drop_client(client, server, why):
-    """Close the connection now and forget the client."""
-    del server.clients[client.sock]
-    client.sock.close()
-    log(f"{client.addr} {why} ({len(server.clients)} online)")
+def open_listener(host, port):
+    """The listening socket, non-blocking like every socket the loop serves. A blocking call
+    (accept, recv, send) waits until it can act, and while it waits for one client, no one
+    else is served. A non-blocking call acts now or raises BlockingIOError: select() waits."""
+    family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
+    listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
+    if os.name != "nt":  # bind again at once after a restart, while old connections linger
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
+    listener.bind(addr)         # claim the address and port: fails if another server has it
+    listener.listen(1024)       # from now on the kernel accepts connections: 1024 may queue
+    listener.setblocking(False)
+    return listener
 
 
 # The fine print ------------------------------------------------------------------------
@@ -169,6 +155,18 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 # set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 256 * 1024
 log_lost = 0                # log lines that stderr could not take: see log()
+
+
+def drop_client(client, server, why):
+    """Close the connection now and forget the client."""
+    del server.clients[client.sock]
+    client.sock.close()
+    log(f"{client.addr} {why} ({online(server)})")
+
+
+def online(server):
+    """ "3 online": the clients connected now."""
+    return f"{len(server.clients)} online"
 
 
 def log(message):
@@ -320,9 +318,10 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         listener = start(args)
+        server = listener and Server(listener, args)
     except KeyboardInterrupt:  # Ctrl-C while we start
         return 0
-    if not listener:
+    if not server:
         return 1
     # Ctrl-C raises KeyboardInterrupt; make SIGTERM (kill, systemd, docker stop) and SIGHUP
     # (the terminal went away) do the same. A signal that lands just before select() starts
@@ -339,7 +338,7 @@ def main(argv=None):
             pass
         seats = args.max_clients
         log(f"serving up to {seats} client{'s' if seats != 1 else ''} at once")
-        serve(Server(listener, args))
+        serve(server)
     except KeyboardInterrupt:
         log("shutting down")  # the system closes every client's socket as we exit
     finally:

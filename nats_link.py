@@ -107,10 +107,10 @@ class NatsLink:
             check_health(self, now)
         self.last_turn = now
 
-    def publish(self, data):
+    def publish(self, data, sender=None):
         """Queue data (whole lines) for the other servers, in messages of max_payload at
-        most, cut at line ends. While the link is down, nothing: at most once."""
-        if self.state != "up":
+        most, cut at line ends; not what came from them. While the link is down, nothing."""
+        if self.state != "up" or sender is self:
             return
         if data.startswith(b"* ") and data.endswith(b" online)\n"):  # our notice: whose count?
             data = data[:-2] + f" on {self.server_name})\n".encode()  # "(3 online on host:7007)"
@@ -202,6 +202,7 @@ def join(server, address, rules, broadcast, log):
         print(f"error: cannot link to NATS at {peer.where}: {describe(err)}", file=sys.stderr)
     else:
         server.peers.append(peer)
+        log(f"linked to NATS at {peer.where}, as {peer.server_name}")
         return True
     return False
 
