@@ -20,6 +20,10 @@ import sys
 import time
 import unicodedata
 
+# Until main() is ready for it, Ctrl-C ends us at once, as it ends any program: no traceback.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not if it is ignored)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 DEFAULT_PORT = 7007       # the port of chat_server.py and echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv() or read()
 BUFFER_LIMIT = 64 * 1024  # longer lines, in or out, are cut: our memory stays bounded
@@ -193,16 +197,23 @@ class TerminalKeyboard(Keyboard):
     you are typing. So we turn line mode and echo off (cbreak mode: Ctrl-C still
     interrupts), keep the typed line here, and around everything the loop prints we wipe
     it off the screen, then draw it again below. The editor knows Backspace, Ctrl-U,
-    Enter and Ctrl-D, and skips arrow keys (readline does far more)."""
+    Enter and Ctrl-D, and skips arrow keys (readline does far more).
+
+    The typed line is kept to one row, showing its end if it is longer, so wiping it never
+    moves the cursor up into rows that may hold messages. Counting rows would need the
+    terminal's width, and a resize makes that a guess: the terminal rewraps its rows at
+    once, but a terminal multiplexer may tell us the new width a quarter of a second
+    later. Whatever the width, the row the cursor is on holds the end of our line, so we
+    wipe that row and nothing above it. After a resize, a piece of an old copy of the
+    line may stay on the screen; a message is never erased."""
     interactive = True
+    prompt = ""  # shown before the typed line (Windows asks the name in the editor too)
 
     def __init__(self, fd):
         super().__init__(fd)
         self.saved = termios.tcgetattr(fd)  # put back by restore(), on every way out
         tty.setcbreak(fd, termios.TCSANOW)  # each key at once, no echo; keep what was typed
         signal.signal(signal.SIGTSTP, self.suspend)  # Ctrl-Z
-        signal.signal(signal.SIGWINCH, self.resized)  # the window changed size
-        self.shown = False  # whether the typed line is on the screen now
         self.chars = []  # one entry per character, so Backspace removes a character
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # é may come in 2 reads
         self.escape = ""  # the start of an escape sequence we are skipping (arrows: ESC [ A)
@@ -226,36 +237,23 @@ class TerminalKeyboard(Keyboard):
         self.show()
 
     def hide(self):
-        """Wipe the typed line, every row of it: back to its first row (ANSI: carriage
-        return, cursor up), then erase to the end of the screen."""
-        self.shown = False  # first: a resize from now on finds nothing to redraw
-        up = self.rows() - 1
-        sys.stdout.write("\r" + (f"\x1b[{up}A" if up else "") + "\x1b[J")
+        """Wipe the typed line: carriage return, then erase to the end of the screen (ANSI).
+        Never a row up: see the class's docstring."""
+        sys.stdout.write("\r\x1b[J")
 
     def show(self):
         sys.stdout.write(self.text())
-        self.shown = True  # before the flush: whatever a resize writes comes after the line
         sys.stdout.flush()
 
     def text(self):
-        """The typed line as the screen shows it."""
-        return "".join(self.chars)
-
-    def rows(self):
-        """How many rows the typed line fills, at the terminal's width now (terminals
-        rewrap on a resize)."""
-        columns = terminal_columns()
-        rows, column = 1, 0
-        for char in self.text():
-            if columns > 0 and column + width(char) > columns:  # it goes on the next row
-                rows, column = rows + 1, 0
-            column += width(char)
-        return rows
-
-    def resized(self, signum, frame):
-        if self.shown:
-            self.hide()
-            self.show()
+        """The end of the typed line that fits in one row, short of its last column (a
+        character there could move the cursor to the next row)."""
+        text = self.prompt + "".join(self.chars).replace(CTRL_Z, "^Z")
+        room, start = (terminal_columns() or 80) - 1, len(text)  # (0: the size is not known)
+        while start and width(text[start - 1]) <= room:
+            start -= 1
+            room -= width(text[start])
+        return text[start:]
 
     def read_lines(self):
         """Apply the keys that are there. Returns the lines finished with Enter, and False
@@ -289,8 +287,8 @@ class TerminalKeyboard(Keyboard):
                 return lines, False
             elif char == CTRL_Z and not self.chars:  # (a terminal stops us on Ctrl-Z instead)
                 self.chars.append(char)  # shown as ^Z
-            elif char.isprintable() and len(self.chars) < BUFFER_LIMIT:  # other keys: ignored
-                self.chars.append(char)
+            elif (char.isprintable() or char == ZWJ) and len(self.chars) < BUFFER_LIMIT:
+                self.chars.append(char)  # (ZWJ, to type 👩‍💻); other keys are ignored
         return lines, True
 
 
@@ -351,13 +349,12 @@ class WindowsKeyboard(TerminalKeyboard):
     msvcrt.getwch() gives one character a call: Enter is "\r", Ctrl-C "\x03", and an
     arrow or function key is two, "\x00" or "\xe0" then a code, which we skip.
     We wipe and draw the typed line without escape sequences, so a console without VT
-    processing (before Windows 10, or with it off) works as well as one with it: the
-    typed line is kept to one row, showing its end if it is longer, and a carriage
-    return, spaces and a carriage return wipe it."""
+    processing (before Windows 10, or with it off) works as well as one with it: a
+    carriage return, spaces and a carriage return wipe the one row it is kept to."""
 
     def __init__(self, fd):
         Keyboard.__init__(self, fd)
-        self.shown, self.chars, self.escape, self.prompt = False, [], "", ""
+        self.chars, self.escape, self.prompt = [], "", ""
 
     def restore(self):
         """The console's modes are as we found them: there is nothing to put back."""
@@ -378,20 +375,8 @@ class WindowsKeyboard(TerminalKeyboard):
                 keys.append(key)
         return self.edit("".join(keys))
 
-    def text(self):
-        """The end of the typed line that fits in one row, short of its last column (a
-        character there could move the cursor to the next row)."""
-        text = self.prompt + "".join(self.chars).replace(CTRL_Z, "^Z")
-        room, start = terminal_columns() - 1, len(text)
-        while start and width(text[start - 1]) <= room:
-            start -= 1
-            room -= width(text[start])
-        return text[start:]
-
     def hide(self):
-        self.shown = False
         sys.stdout.write("\r" + " " * (terminal_columns() - 1) + "\r")
-
 
 
 def select_windows(want_read, want_write, want_error=(), timeout=None):
@@ -565,12 +550,38 @@ def keep_stdio_usable():
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
+            if fd == 0:
+                os.read(fd, 0)  # fails if stdin is open for writing only (as nohup may leave it)
         except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, if it was closed
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
         if getattr(sys, name) is None:  # Python found it closed at start
             setattr(sys, name, open(fd, mode, closefd=False))
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="replace")
+
+
+def take_ctrl_c():
+    """From here on Ctrl-C raises KeyboardInterrupt, for main() to end us cleanly (the
+    terminal put back). Until now it ended us at once. (If it is ignored, it stays so.)"""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def output_failed(err):
+    """What we print cannot be written: stdout was closed by its reader (| head -1), which
+    is no error, or it is full (> /dev/full), which we say in one line. What is still
+    buffered goes to /dev/null, so Python's exit has nothing left to fail on."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(err, BrokenPipeError):
+        return 0
+    try:
+        print(f"error: cannot write the output: {describe(err)}", file=sys.stderr, flush=True)
+    except OSError:  # stderr is full too: nowhere to say it
+        os.dup2(sys.stdout.fileno(), sys.stderr.fileno())
+    return 1
 
 
 def describe(err):
@@ -623,6 +634,7 @@ def main(argv=None):
     stdin = sys.stdin.fileno()
     keyboard = None
     try:
+        take_ctrl_c()
         inbuf = bytearray()  # what the server sends while we ask the name
         if os.name == "nt" and windows_console(stdin) and windows_console(sys.stdout.fileno()):
             keyboard = WindowsKeyboard(stdin)
@@ -644,9 +656,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C
         print()
         return 0
-    except BrokenPipeError:  # nobody reads our output any more (| head -1): leave quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except OSError as err:  # our output cannot be written: stdout is closed, or full
+        return output_failed(err)
     finally:
         if isinstance(keyboard, TerminalKeyboard):
             keyboard.restore()  # the shell needs its line mode and echo back

@@ -19,9 +19,14 @@ What a real client needs besides the lesson comes after the line "The fine print
 import argparse
 import os
 import select
+import signal
 import socket
 import sys
 import unicodedata
+
+# Until main() is ready for it, Ctrl-C ends us at once, as it ends any program: no traceback.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not if it is ignored)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 DEFAULT_PORT = 7007       # the port of echo_server.py
 RECV_SIZE = 64 * 1024     # read what is there, up to this much, per recv()
@@ -130,6 +135,27 @@ def is_emoji(char):
     return char != "" and (unicodedata.category(char) == "So" or skin_tone)
 
 
+def take_ctrl_c():
+    """From here on Ctrl-C raises KeyboardInterrupt, for main() to end us cleanly. Until
+    now it ended us at once. (If it is ignored, it stays so.)"""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def output_failed(err):
+    """What we print cannot be written: stdout was closed by its reader (| head -1), which
+    is no error, or it is full (> /dev/full), which we say in one line. What is still
+    buffered goes to /dev/null, so Python's exit has nothing left to fail on."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(err, BrokenPipeError):
+        return 0
+    try:
+        print(f"error: cannot write the output: {describe(err)}", file=sys.stderr, flush=True)
+    except OSError:  # stderr is full too: nowhere to say it
+        os.dup2(sys.stdout.fileno(), sys.stderr.fileno())
+    return 1
+
+
 def describe(err):
     """An OSError in a few lower-case words: "connection refused"."""
     return (err.strerror or str(err)).lower()
@@ -148,8 +174,13 @@ def keep_stdio_usable():
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
+            if fd == 0:
+                os.read(fd, 0)  # fails if stdin is open for writing only (as nohup may leave it)
         except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, if it was closed
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
         if getattr(sys, name) is None:  # Python found it closed at start
             setattr(sys, name, open(fd, mode, closefd=False))
     for stream in (sys.stdout, sys.stderr):
@@ -196,13 +227,13 @@ def main(argv=None):
         return 1
     sock.setblocking(False)
     try:
+        take_ctrl_c()
         return talk(sock)
     except KeyboardInterrupt:  # Ctrl-C
         print()
         return 0
-    except BrokenPipeError:  # nobody reads our output any more (| head -1): leave quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except OSError as err:  # our output cannot be written: stdout is closed, or full
+        return output_failed(err)
     finally:
         sock.close()
 

@@ -6,6 +6,7 @@ One class:      python -m unittest -v test_chat.ChatServerTest
 Every server starts on --port 0 and tells us its port in its first line. Every wait has a
 timeout, and every process a test starts is stopped when the test ends, pass or fail.
 """
+import codecs
 import importlib.util
 import os
 import re
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 import unittest
 
 try:  # POSIX only
@@ -1085,25 +1087,19 @@ class ChatClientTest(unittest.TestCase):
                 self.assertEqual(client.tty_now(), client.tty_at_start)
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
-    def test_in_a_terminal_a_wrapped_line_is_wiped_row_by_row_also_after_a_resize(self):
+    def test_in_a_terminal_a_long_typed_line_shows_its_end_in_one_row_and_goes_whole(self):
         client = self.client("--name", "John", tty=True)
         self.joined(client)
-
-        def resize(columns):  # the terminal tells the client with SIGWINCH
-            fcntl.ioctl(client.in_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-        resize(20)
-        client.type("a" * 45)  # three rows of 20 columns: 20, 20 and 5
-        client.expect("a" * 45)
+        set_window_size(client, 20)
+        client.type("a" * 40 + "end")
+        client.expect("\r\x1b[J" + "a" * 16 + "end")  # the end that fits in 19 columns
         self.other.send(b"Jane: one\n")
-        client.expect("\r\x1b[2A\x1b[JJane: one\n" + "a" * 45)  # up two rows, erase below
+        client.expect("\r\x1b[JJane: one\n" + "a" * 16 + "end")  # wiped without a row up
         client.type("\x15" + "\u65e5\u672c" * 6)  # Ctrl-U, then 12 wide characters: 24 columns
-        client.expect("\u65e5\u672c" * 6)
+        client.expect("\r\x1b[J\u672c" + "\u65e5\u672c" * 4)  # 9 of them, in 18 columns
+        set_window_size(client, 10)  # the width is read at each drawing
         self.other.send(b"Jane: two\n")
-        # Two rows, not one: they are two columns each. Then the line is drawn again.
-        client.expect("\r\x1b[1A\x1b[JJane: two\n" + "\u65e5\u672c" * 6)
-        resize(10)  # the same 24 columns now fill three rows
-        self.other.send(b"Jane: three\n")
-        client.expect("\r\x1b[2A\x1b[JJane: three\n" + "\u65e5\u672c" * 6)
+        client.expect("\r\x1b[JJane: two\n" + "\u65e5\u672c" * 2)
         client.type("\r")
         self.assertEqual(self.other.line(), ("John: " + "\u65e5\u672c" * 6).encode())
 
@@ -1135,6 +1131,344 @@ class ChatClientTest(unittest.TestCase):
         client.type("quit\r")
         self.assertEqual(client.wait(), 0)
         self.assertEqual(self.other.line(), b"* a user left (1 online)")
+
+
+# ---------------------------------------------------------------------------------------
+# Both clients: what they leave on a terminal's screen, and start-up, stdio and Ctrl-C
+# ---------------------------------------------------------------------------------------
+
+def terminal_width(char):
+    """Columns a terminal gives a character, as wcwidth() says: combining marks, format
+    characters and Hangul medial and final jamo none, wide and fullwidth ones two."""
+    if unicodedata.category(char) in ("Mn", "Me", "Cf") or "\u1160" <= char <= "\u11ff":
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+class Screen:
+    """Just enough of a terminal to tell what a program leaves on it: characters (wide
+    ones take two cells), carriage return, line feed, cursor up (ESC [ n A) and erase (ESC
+    [ J, ESC [ K). Like most terminals today it rewraps its lines when resized. It keeps
+    every row it ever had: the history, then the 24 rows of the screen."""
+
+    SEQUENCE = re.compile(r"\x1b\[(\d*)([AJK])|\x1b.?|[^\x1b]", re.S)
+
+    def __init__(self, columns, height=24):
+        self.columns, self.height = columns, height
+        self.rows = [[]]       # each a list of cells: a character, with what joins it
+        self.wraps = [False]   # whether the row runs on into the next (the text wrapped)
+        self.row = self.col = self.top = 0  # the cursor; top: the screen's first row
+
+    def feed(self, text):
+        for match in self.SEQUENCE.finditer(text):
+            number, command = match.groups()
+            if command == "A":
+                self.row = max(self.top, self.row - int(number or 1))
+                self.col = min(self.col, self.columns - 1)
+            elif command in ("J", "K"):
+                del self.rows[self.row][self.col:]
+                self.wraps[self.row] = False
+                for below in range(self.row + 1, len(self.rows) if command == "J" else 0):
+                    self.rows[below], self.wraps[below] = [], False
+            elif match.group().startswith("\x1b"):
+                raise AssertionError(f"an escape sequence this screen does not know: {match.group()!r}")
+            elif match.group() == "\r":
+                self.col = 0
+            elif match.group() == "\n":
+                self.down()
+            else:
+                self.put(match.group())
+
+    def down(self):
+        self.row += 1
+        if self.row == len(self.rows):
+            self.rows.append([])
+            self.wraps.append(False)
+        self.top = max(self.top, self.row - self.height + 1)
+
+    def put(self, char):
+        width = terminal_width(char)
+        row = self.rows[self.row]
+        if width == 0:  # it joins the character before it
+            if self.col and len(row) >= self.col:
+                row[self.col - 1] += char
+            return
+        if self.col + width > self.columns:  # past the last column: on to the next row
+            self.wraps[self.row] = True
+            self.down()
+            self.col, row = 0, self.rows[self.row]
+        row.extend(" " * (self.col + width - len(row)))
+        row[self.col:self.col + width] = [char] + [""] * (width - 1)
+        self.col += width
+
+    def lines(self):
+        """The text's lines, each row that wrapped joined to the next: [(first row, cells)]."""
+        lines = []
+        for i, row in enumerate(self.rows):
+            if i == 0 or not self.wraps[i - 1]:
+                lines.append((i, []))
+            lines[-1][1].extend(row)
+        return lines
+
+    def resize(self, columns):
+        """Rewrap every line at the new width; the cursor stays after the same character."""
+        rows, wraps, cursor = [], [], None
+        for first, cells in self.lines():
+            if first <= self.row < first + self.rows_of(first):  # the cursor's line
+                offset = sum(len(row) for row in self.rows[first:self.row]) + self.col
+                cells.extend(" " * (offset - len(cells)))
+                pending = 0 < offset == len(cells) and offset % columns == 0  # at its end
+                cursor = (len(rows) + offset // columns - pending,
+                          columns if pending else offset % columns)
+            pieces = [cells[i:i + columns] for i in range(0, len(cells), columns)] or [[]]
+            rows += pieces
+            wraps += [True] * (len(pieces) - 1) + [False]
+        self.rows, self.wraps, self.columns = rows, wraps, columns
+        self.row, self.col = cursor
+        while len(self.rows) > self.row + 1 and not self.rows[-1]:  # blank rows below
+            self.rows.pop()
+            self.wraps.pop()
+        self.top = max(0, len(self.rows) - self.height)
+
+    def rows_of(self, first):
+        """How many rows the line that starts at row first fills."""
+        count = 1
+        while self.wraps[first + count - 1]:
+            count += 1
+        return count
+
+    def text(self, cells):
+        return "".join(cells).rstrip()
+
+    def cursor_line(self):
+        """The line the cursor is on, as text."""
+        return next(self.text(cells) for first, cells in reversed(self.lines()) if first <= self.row)
+
+    def history(self):
+        return [self.text(cells) for _, cells in self.lines()]
+
+    def on_the_screen(self):
+        return "\n".join(self.text(row) for row in self.rows[self.top:])
+
+
+def set_window_size(client, columns, rows=24):
+    """Resize the client's terminal: the kernel tells it with SIGWINCH."""
+    fcntl.ioctl(client.in_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+@unittest.skipUnless(pty, "needs a pseudo-terminal")
+class ClientScreenTest(unittest.TestCase):
+    """chat_client.py in a terminal, its output read by a small terminal emulator (Screen).
+    CONTRACT.md, "chat_client.py": no message is ever erased, whatever is typed and however
+    the window is resized, and the typed line stays intact."""
+
+    def setUp(self):
+        self.server = Server(self, "chat_server.py")
+        self.other = Peer(self, self.server.port)  # someone already in the room
+        self.assertEqual(self.other.line(), WELCOME)
+
+    def client(self, columns):
+        client = Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(self.server.port),
+                      "--name", "John", tty=True)
+        set_window_size(client, columns)
+        client.expect("Welcome to the chatroom!\n")
+        self.assertEqual(self.other.line(), b"* a user joined (2 online)")
+        return client
+
+    def test_typed_text_of_every_script_stays_whole_while_five_messages_arrive_and_enter_sends_it(self):
+        client, screen = self.client(40), Screen(40)
+        decoder, fed = codecs.getincrementaldecoder("utf-8")("replace"), 0
+        texts = ["naïve café", "日本語", "한국어", "กี่", "में", "e\u0301", "👍", "❤\ufe0f", "👩\u200d💻",
+                 "taller than the screen " + "0123456789" * 150]  # 24 rows of 40: 960 cells
+        for n, typed in enumerate(texts):
+            with self.subTest(typed=typed[:30]):
+                client.type(typed)
+                shown = typed if len(typed) < 40 else typed[-39:]  # the end that fits in a row
+                client.expect(shown)
+                replies = [f"Jane: reply {k} to text {n}" for k in range(1, 6)]
+                for reply in replies:
+                    self.other.send(reply.encode() + b"\n")
+                client.expect(f"{replies[-1]}\n{shown}")
+                screen.feed(decoder.decode(client.raw[fed:]))
+                fed = len(client.raw)
+                for reply in replies:
+                    self.assertIn(reply, screen.on_the_screen())
+                self.assertEqual(screen.cursor_line(), shown)
+                client.type("\r")
+                self.assertEqual(self.other.line(), f"John: {typed}".encode())
+                client.expect(f"John: {typed}\n")
+
+    def test_a_storm_of_resizes_while_messages_arrive_erases_none_and_keeps_the_typed_line(self):
+        # Forty resizes, one every 50 ms, between 30 and 100 columns. The screen rewraps at
+        # once; the client learns each size 250 ms later, as a terminal multiplexer may tell it.
+        typed = "typed before the storm, and it is 45 columns"
+        client, screen = self.client(100), Screen(100)
+        client.type(typed)
+        client.expect(typed)
+        widths = [30 + (37 * k) % 71 for k in range(39)] + [100]
+        lag = 5
+        resizes = []  # (how much output the screen had been given, its new width)
+        start = time.monotonic()
+        for k, columns in enumerate(widths):
+            client._read_some(0)
+            resizes.append((len(client.raw), columns))
+            if k >= lag:
+                set_window_size(client, widths[k - lag])
+            if k % 2 == 0:
+                self.other.send(f"Jane: message {k // 2 + 1:02} of 20\n".encode())
+            tick = start + 0.05 * (k + 1)
+            while time.monotonic() < tick:  # keeps the pace; the terminal is read meanwhile
+                client._read_some(max(0, tick - time.monotonic()))
+        set_window_size(client, widths[-1])  # now the client knows the last size too
+        client.expect("Jane: message 20 of 20\n")
+        client.type("!")  # drawn again, at the width it now knows
+        client.expect(f"{typed}!")
+        decoder, fed = codecs.getincrementaldecoder("utf-8")("replace"), 0
+        for offset, columns in resizes + [(len(client.raw), widths[-1])]:
+            screen.feed(decoder.decode(client.raw[fed:offset]))
+            screen.resize(columns)
+            fed = offset
+        history = screen.history()
+        for k in range(1, 21):
+            self.assertTrue(any(f"Jane: message {k:02} of 20" in line for line in history),
+                            f"message {k} is not on the screen or in its history:\n" + "\n".join(history))
+        self.assertEqual(screen.cursor_line(), typed + "!")
+        # What makes it so: the client never moves the cursor up, into rows it may not have drawn.
+        self.assertIsNone(re.search(rb"\x1b\[\d*A", client.raw))
+        client.type("\r")
+        self.assertEqual(self.other.line(), f"John: {typed}!".encode())
+
+
+def exit_status_and_cpu(popen, timeout=WAIT):
+    """Wait for a process to exit: (its exit status, or minus the signal that killed it;
+    the CPU seconds it used)."""
+    end = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
+        if pid:
+            popen.returncode = os.waitstatus_to_exitcode(status)
+            return popen.returncode, usage.ru_utime + usage.ru_stime
+        if time.monotonic() > end:
+            raise AssertionError(f"still running after {timeout} s")
+        time.sleep(0.01)
+
+
+def connecting_to(port):
+    """The local ports of the sockets that are connecting to port on loopback (SYN_SENT)."""
+    ports = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "02":
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+class ClientStartAndStdioTest(unittest.TestCase):
+    """Both clients. CONTRACT.md, "All four scripts": a stdin that is closed or open for
+    writing only, a full stdout, or Ctrl-C at any moment after the imports (while it
+    connects to a server whose accept queue is full, say) ends it cleanly and soon: status
+    0 or 1 (Ctrl-C may also end it as it ends any program), one line on stderr at most,
+    no traceback and no "Exception ignored"."""
+
+    CLIENTS = (("echo_client.py",), ("chat_client.py", "--name", "J"))
+
+    def setUp(self):
+        self.server = Server(self, "echo_server.py")  # both clients can talk to it
+
+    def start(self, script, *args, port=None, env=None, **how):
+        """A client with stdin, stdout and preexec_fn as given: (its Popen, its stderr file)."""
+        fd, err = tempfile.mkstemp(prefix="test_chat.", suffix=".log")
+        self.addCleanup(os.remove, err)
+        how.setdefault("stdin", subprocess.DEVNULL)
+        how.setdefault("stdout", subprocess.DEVNULL)
+        popen = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--host", "127.0.0.1",
+                                  "--port", str(port or self.server.port), *args], stderr=fd,
+                                 preexec_fn=with_default_sigint(how.pop("preexec_fn", None)),
+                                 env=env, cwd=HERE, **how)
+        os.close(fd)
+        self.addCleanup(lambda: popen.poll() is None and (popen.kill(), popen.wait()))
+        return popen, err
+
+    def assert_a_clean_end(self, err, status, statuses=(0, 1)):
+        with open(err) as f:
+            said = "".join(line for line in f if not line.startswith("import time:"))
+        self.assertIn(status, statuses, said)
+        self.assertLessEqual(said.count("\n"), 1, said)
+        self.assertNotIn("Traceback", said)
+        self.assertNotIn("Exception ignored", said)
+
+    def test_a_stdin_that_is_closed_or_open_for_writing_only_ends_it_cleanly(self):
+        write_only = os.open(os.devnull, os.O_WRONLY)  # as nohup leaves it
+        self.addCleanup(os.close, write_only)
+        for script, *args in self.CLIENTS:
+            for stdin, how in (("closed", dict(preexec_fn=lambda: os.close(0))),
+                               ("write-only", dict(stdin=write_only))):
+                with self.subTest(script=script, stdin=stdin):
+                    popen, err = self.start(script, *args, **how)
+                    status, _ = exit_status_and_cpu(popen, timeout=5)
+                    self.assertEqual(status, 0)  # the end of input
+                    self.assert_a_clean_end(err, status)
+
+    def test_a_full_stdout_ends_it_soon_in_one_line_without_spinning(self):
+        for script, *args in self.CLIENTS:
+            with self.subTest(script=script):
+                with open("/dev/full", "wb") as full:
+                    popen, err = self.start(script, *args, stdin=subprocess.PIPE, stdout=full)
+                self.addCleanup(popen.stdin.close)
+                popen.stdin.write(b"hello\n")  # and the input stays open
+                popen.stdin.flush()
+                status, cpu = exit_status_and_cpu(popen, timeout=5)
+                self.assert_a_clean_end(err, status)
+                self.assertLess(cpu, 1)
+                with open(err) as f:
+                    self.assertEqual(f.read(), "error: cannot write the output: no space left on device\n")
+
+    def a_full_listener(self):
+        """The port of a loopback listener whose accept queue is full: the kernel drops
+        the SYN of a new connection, so its connect() waits."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        while not connecting_to(port):
+            filler = socket.socket()
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            wait_until(lambda: filler.getsockname()[1] in connecting_to(port)
+                       or not filler.connect_ex(("127.0.0.1", port)), "the connection to settle")
+        return port
+
+    def test_ctrl_c_while_it_connects_to_a_server_whose_queue_is_full_ends_it_cleanly(self):
+        port = self.a_full_listener()
+        for script, *args in self.CLIENTS:
+            with self.subTest(script=script):
+                before = connecting_to(port)
+                popen, err = self.start(script, *args, port=port)
+                wait_until(lambda: connecting_to(port) - before, "the client's SYN")
+                popen.send_signal(signal.SIGINT)
+                status, _ = exit_status_and_cpu(popen)
+                self.assert_a_clean_end(err, status, (0, 1, 130, -signal.SIGINT))
+
+    def test_ctrl_c_at_any_moment_after_the_imports_ends_it_cleanly(self):
+        # Python says when each import is done; we press Ctrl-C as soon as we see the last
+        # one, while the command line is read, the host resolved, or the connection made.
+        port = self.a_full_listener()
+        for script, *args in self.CLIENTS:
+            for attempt in range(3):
+                with self.subTest(script=script, attempt=attempt):
+                    popen, err = self.start(script, *args, port=port,
+                                            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+                    with open(err) as log:
+                        wait_until(lambda: "| unicodedata\n" in log.read() or log.seek(0) and False,
+                                   "the imports")
+                    popen.send_signal(signal.SIGINT)
+                    status, _ = exit_status_and_cpu(popen)
+                    self.assert_a_clean_end(err, status, (0, 1, 130, -signal.SIGINT))
 
 
 # ---------------------------------------------------------------------------------------
