@@ -109,13 +109,9 @@ def time_to_next_timer(server):
 
 def accept_clients(server):
     """A readable listener means connections are waiting: accept() will not block."""
-    for sock, addr in accept_waiting(server):  # a few per turn: see the fine print
+    for sock, addr in accept_waiting(server):  # a few a turn, and only those with a seat
         sock.setblocking(False)
         client = Client(sock, format_addr(addr))
-        if not seat_free(sock, server):  # --max-clients, and what select() can watch
-            refuse(client, server)
-            continue
-        set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
         server.clients[sock] = client
         client.outbuf += b"Welcome to the chatroom!\n"
         broadcast(f"* a user joined ({online(server)})\n".encode(), server, sender=client)
@@ -132,29 +128,28 @@ def read_from(client, server):
         return
     relay_lines(client, data or b"\n", server)  # at the end, a last line without "\n" counts
     if not data:  # b"": the client shut down its side. It leaves; we send what is left
-        leave_room(client, server, "disconnected")
+        leave_room(client, server)
 
 
 def relay_lines(client, data, server):
     """TCP is a byte stream: one recv() may hold half a line, or a hundred lines. We add
     data to inbuf, relay each complete line, and keep the unfinished rest in inbuf."""
-    client.inbuf += data
-    client.inbuf = client.inbuf.replace(b"\r\n", b"\n")  # telnet and nc -C send "\r\n"
+    client.inbuf = (client.inbuf + data).replace(b"\r\n", b"\n")  # telnet and nc -C send "\r\n"
     while b"\n\n" in client.inbuf:  # empty lines go, all at once: a flood of them costs
         client.inbuf = client.inbuf.replace(b"\n\n", b"\n")  # what one recv() costs
-    *lines, client.inbuf = client.inbuf.split(b"\n")
+    *lines, client.inbuf = client.inbuf.lstrip(b"\n").split(b"\n")  # (so no line is empty)
     batch = bytearray()  # every line of this recv(), queued for the others in one go (speed)
     too_long = len(client.inbuf) > LINE_LIMIT + 1  # + 1: a "\r" may still await its "\n"
     for line in lines:
         if len(line) > LINE_LIMIT:
             too_long = True
             break  # the lines before it still go; it and the rest do not
-        if line:  # (the first may be empty)
-            batch += line + b"\n"
+        batch += line + b"\n"
     broadcast(batch, server, sender=client)
     if too_long:
         client.outbuf += b"error: line too long (limit %d bytes)\n" % LINE_LIMIT  # then close
-        leave_room(client, server, f"dropped: line longer than {LINE_LIMIT} bytes")
+        log(f"{client.addr} sent a line longer than {LINE_LIMIT} bytes")
+        leave_room(client, server)
 
 
 def broadcast(data, server, sender=None):
@@ -203,14 +198,6 @@ def close_leavers(server):
             drop_client(client, server, f"closed: took nothing for {limit:g} s after leaving")
 
 
-def leave_room(client, server, why):
-    """Tell everyone else, once, that client has left. Its socket closes later."""
-    if not client.closing:
-        client.closing = True
-        broadcast(f"* a user left ({online(server)})\n".encode(), server)
-        log(f"{client.addr} {why} ({online(server)})")
-
-
 # The fine print ------------------------------------------------------------------------
 
 
@@ -242,7 +229,6 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 # set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 64 * 1024
 log_lost = 0                # log lines that stderr could not take: see log()
-SERVER_FULL = b"error: server full, try again later\n"
 PAYBACK = 0.1 / BEHIND      # seconds of the room's wait that one byte read pays for
 REFILL = 0.2                # budget earned back each second the room does not wait for a reader
 
@@ -260,16 +246,22 @@ def spend_stall_budget(client, server):
 
 
 def drop_client(client, server, why):
-    """Close the connection now and forget the client, who leaves the room if still in it."""
+    """Close the connection now and forget the client."""
     del server.clients[client.sock]
     client.sock.close()
-    if client.closing and why != "disconnected":
-        log(f"{client.addr} {why} ({online(server)})")
-    leave_room(client, server, why)
+    log(f"{client.addr} {why} ({online(server)})")
+    leave_room(client, server)  # if it had not left yet
+
+
+def leave_room(client, server):
+    """Tell everyone else, once, that client has left. Its socket may close later."""
+    if not client.closing:
+        client.closing = True
+        broadcast(f"* a user left ({online(server)})\n".encode(), server)
 
 
 def online(server):
-    """ "3 online": those in the room, not those who have left and get their last lines."""
+    """ "3 online": the clients that have not left (one that has left may get its last bytes)."""
     return f"{sum(not c.closing for c in server.clients.values())} online"
 
 
@@ -313,20 +305,26 @@ def resolve(host, port):
 
 
 def accept_waiting(server):
-    """Yield up to ACCEPT_BATCH waiting connections. A crowd arriving at once then costs
-    a few turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000
-    chat clients got in 8 times faster than with one accept() a turn).
+    """Yield up to ACCEPT_BATCH waiting connections that have a seat (seat_free()), their
+    socket options set; refuse() the others. A crowd arriving at once then costs a few
+    turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000 chat
+    clients got in 8 times faster than with one accept() a turn).
     If accept() fails for want of descriptors (EMFILE), the connection stays queued and
     the listener stays readable: we stop watching it for a moment, or we would spin."""
     for _ in range(ACCEPT_BATCH):
         try:
-            yield server.listener.accept()
+            sock, addr = server.listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return  # none left, or one gave up while it waited in the queue
         except OSError as err:
             log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
             server.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
             return
+        if seat_free(sock, server):  # --max-clients, and what select() can watch
+            set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
+            yield sock, addr
+        else:
+            refuse(sock, addr, server)
 
 
 def seat_free(sock, server):
@@ -340,14 +338,15 @@ def seat_free(sock, server):
     return sock.fileno() < FD_SETSIZE
 
 
-def refuse(client, server):
+def refuse(sock, addr, server):
     """No seat for this connection: log it, say so, and close it."""
-    log(f"{client.addr} refused: server full ({len(server.clients)} online)")
+    log(f"{format_addr(addr)} refused: server full ({online(server)})")
     try:
-        client.sock.send(SERVER_FULL)  # a new socket's send buffer is empty: this line fits
+        sock.setblocking(False)
+        sock.send(b"error: server full, try again later\n")  # an empty send buffer: it fits
     except OSError:
         pass
-    client.sock.close()
+    sock.close()
 
 
 def set_socket_options(sock):

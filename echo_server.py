@@ -80,13 +80,9 @@ def time_to_next_timer(server):
 
 def accept_clients(server):
     """A readable listener means connections are waiting: accept() will not block."""
-    for sock, addr in accept_waiting(server):  # a few per turn: see the fine print
+    for sock, addr in accept_waiting(server):  # a few a turn, and only those with a seat
         sock.setblocking(False)
         client = Client(sock, format_addr(addr))
-        if not seat_free(sock, server):  # --max-clients, and what select() can watch
-            refuse(client, server)
-            continue
-        set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
         server.clients[sock] = client
         log(f"{client.addr} connected ({online(server)})")
 
@@ -165,8 +161,8 @@ def drop_client(client, server, why):
 
 
 def online(server):
-    """ "3 online": the clients connected now."""
-    return f"{len(server.clients)} online"
+    """ "3 online": the clients that have not left (one that has left may get its last bytes)."""
+    return f"{sum(not c.closing for c in server.clients.values())} online"
 
 
 def log(message):
@@ -209,20 +205,26 @@ def resolve(host, port):
 
 
 def accept_waiting(server):
-    """Yield up to ACCEPT_BATCH waiting connections. A crowd arriving at once then costs
-    a few turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000
-    chat clients got in 8 times faster than with one accept() a turn).
+    """Yield up to ACCEPT_BATCH waiting connections that have a seat (seat_free()), their
+    socket options set; refuse() the others. A crowd arriving at once then costs a few
+    turns of the loop, not one turn each (in bench/loadtest.py's hold test, 1,000 chat
+    clients got in 8 times faster than with one accept() a turn).
     If accept() fails for want of descriptors (EMFILE), the connection stays queued and
     the listener stays readable: we stop watching it for a moment, or we would spin."""
     for _ in range(ACCEPT_BATCH):
         try:
-            yield server.listener.accept()
+            sock, addr = server.listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return  # none left, or one gave up while it waited in the queue
         except OSError as err:
             log(f"cannot accept: {err.strerror}; trying again in {ACCEPT_PAUSE} s")
             server.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
             return
+        if seat_free(sock, server):  # --max-clients, and what select() can watch
+            set_socket_options(sock)  # no Nagle delay, a bounded kernel buffer
+            yield sock, addr
+        else:
+            refuse(sock, addr, server)
 
 
 def seat_free(sock, server):
@@ -236,10 +238,10 @@ def seat_free(sock, server):
     return sock.fileno() < FD_SETSIZE
 
 
-def refuse(client, server):
+def refuse(sock, addr, server):
     """No seat for this connection: log it and close it."""
-    log(f"{client.addr} refused: server full ({len(server.clients)} online)")
-    client.sock.close()
+    log(f"{format_addr(addr)} refused: server full ({online(server)})")
+    sock.close()
 
 
 def set_socket_options(sock):
