@@ -12,6 +12,7 @@ select() watches sockets only, so there it gets a stand-in that polls the keyboa
 """
 import argparse
 import codecs
+import errno
 import os
 import select
 import signal
@@ -570,17 +571,25 @@ def take_ctrl_c():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def output_failed(err):
-    """What we print cannot be written: stdout was closed by its reader (| head -1), which
-    is no error, or it is full (> /dev/full), which we say in one line. What is still
-    buffered goes to /dev/null, so Python's exit has nothing left to fail on."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def stdio_failed(err):
+    """Our input cannot be read (it is open for writing only, say) or our output cannot
+    be written (> /dev/full): say which in one line, and return the exit status, 1. A
+    reader that has gone (| head -1) is no error: status 0. What is still buffered for
+    stdout then goes to /dev/null, so Python's exit has nothing left to fail on."""
+    try:
+        os.write(sys.stdout.fileno(), b"")  # fails if stdout is what failed (but a pipe)
+        writing = isinstance(err, BrokenPipeError) or err.errno in (errno.ENOSPC, errno.EFBIG)
+    except OSError as stdout_err:
+        writing, err = True, stdout_err
+    if writing:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if isinstance(err, BrokenPipeError):
         return 0
     try:
-        print(f"error: cannot write the output: {describe(err)}", file=sys.stderr, flush=True)
-    except OSError:  # stderr is full too: nowhere to say it
-        os.dup2(sys.stdout.fileno(), sys.stderr.fileno())
+        what = "write the output" if writing else "read the input"
+        print(f"error: cannot {what}: {describe(err)}", file=sys.stderr, flush=True)
+    except OSError:  # stderr fails too: there is nowhere to say it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
     return 1
 
 
@@ -656,8 +665,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C
         print()
         return 0
-    except OSError as err:  # our output cannot be written: stdout is closed, or full
-        return output_failed(err)
+    except OSError as err:  # stdin cannot be read, or stdout written (closed, or full)
+        return stdio_failed(err)
     finally:
         if isinstance(keyboard, TerminalKeyboard):
             keyboard.restore()  # the shell needs its line mode and echo back

@@ -1365,6 +1365,34 @@ def connecting_to(port):
     return ports
 
 
+def a_full_listener(test):
+    """The port of a loopback listener whose accept queue is full: the kernel drops the
+    SYN of a new connection, so its connect() waits."""
+    listener = socket.socket()
+    test.addCleanup(listener.close)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    while not connecting_to(port):
+        filler = socket.socket()
+        test.addCleanup(filler.close)
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        wait_until(lambda: filler.getsockname()[1] in connecting_to(port)
+                   or not filler.connect_ex(("127.0.0.1", port)), "the connection to settle")
+    return port
+
+
+def assert_a_clean_end(test, said, status, statuses=(0, 1)):
+    """A client's exit: a status among statuses, one line at most of what it said on
+    stderr (Python's "import time:" lines aside), no traceback, no "Exception ignored"."""
+    said = "".join(line for line in said.splitlines(True) if not line.startswith("import time:"))
+    test.assertIn(status, statuses, said)
+    test.assertLessEqual(said.count("\n"), 1, said)
+    test.assertNotIn("Traceback", said)
+    test.assertNotIn("Exception ignored", said)
+
+
 @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
 class ClientStartAndStdioTest(unittest.TestCase):
     """Both clients. CONTRACT.md, "All four scripts": a stdin that is closed or open for
@@ -1394,11 +1422,7 @@ class ClientStartAndStdioTest(unittest.TestCase):
 
     def assert_a_clean_end(self, err, status, statuses=(0, 1)):
         with open(err) as f:
-            said = "".join(line for line in f if not line.startswith("import time:"))
-        self.assertIn(status, statuses, said)
-        self.assertLessEqual(said.count("\n"), 1, said)
-        self.assertNotIn("Traceback", said)
-        self.assertNotIn("Exception ignored", said)
+            assert_a_clean_end(self, f.read(), status, statuses)
 
     def test_a_stdin_that_is_closed_or_open_for_writing_only_ends_it_cleanly(self):
         write_only = os.open(os.devnull, os.O_WRONLY)  # as nohup leaves it
@@ -1426,25 +1450,8 @@ class ClientStartAndStdioTest(unittest.TestCase):
                 with open(err) as f:
                     self.assertEqual(f.read(), "error: cannot write the output: no space left on device\n")
 
-    def a_full_listener(self):
-        """The port of a loopback listener whose accept queue is full: the kernel drops
-        the SYN of a new connection, so its connect() waits."""
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        while not connecting_to(port):
-            filler = socket.socket()
-            self.addCleanup(filler.close)
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            wait_until(lambda: filler.getsockname()[1] in connecting_to(port)
-                       or not filler.connect_ex(("127.0.0.1", port)), "the connection to settle")
-        return port
-
     def test_ctrl_c_while_it_connects_to_a_server_whose_queue_is_full_ends_it_cleanly(self):
-        port = self.a_full_listener()
+        port = a_full_listener(self)
         for script, *args in self.CLIENTS:
             with self.subTest(script=script):
                 before = connecting_to(port)
@@ -1457,7 +1464,7 @@ class ClientStartAndStdioTest(unittest.TestCase):
     def test_ctrl_c_at_any_moment_after_the_imports_ends_it_cleanly(self):
         # Python says when each import is done; we press Ctrl-C as soon as we see the last
         # one, while the command line is read, the host resolved, or the connection made.
-        port = self.a_full_listener()
+        port = a_full_listener(self)
         for script, *args in self.CLIENTS:
             for attempt in range(3):
                 with self.subTest(script=script, attempt=attempt):
@@ -2942,6 +2949,42 @@ class WindowsClientTest(UnderWine, unittest.TestCase):
                          ["name:", "error: server full, try again later",
                           "server closed the connection", "EXIT=1"])
 
+
+    def test_clients_end_cleanly_on_ctrl_c_while_connecting_a_full_stdout_or_a_write_only_stdin(self):
+        full_port, echo = a_full_listener(self), Server(self, "echo_server.py")
+        write_only = os.open(os.devnull, os.O_WRONLY)
+        self.addCleanup(os.close, write_only)
+        before = connecting_to(full_port)
+        # All at once (Wine takes a second to start each): (what, the client, its status, its words)
+        cases = [(f"Ctrl-C while {script} connects", full_port, [script, *args], {},
+                  (0, 1, 130, 58), None)  # 58: Windows' "ended by Ctrl-C" (0xC000013A)
+                 for script, *args in (("echo_client.py",), ("chat_client.py", "--name", "J"))]
+        with open("/dev/full", "wb") as full:
+            cases += [("a full stdout", echo.port, ["chat_client.py", "--name", "J"],
+                       dict(stdout=full), (1,), "error: cannot write the output: no space left on device"),
+                      ("a write-only stdin", echo.port, ["chat_client.py", "--name", "J"],
+                       dict(stdin=write_only), (1,), "error: cannot read the input: bad file descriptor")]
+            clients = []
+            for what, port, (script, *args), how, _, _ in cases:
+                how = {"stdin": subprocess.PIPE, "stdout": subprocess.DEVNULL, **how}
+                client = subprocess.Popen(["wine", WINE_PYTHON, script, "--host", "127.0.0.1",
+                                           "--port", str(port), *args], stderr=subprocess.PIPE,
+                                          env=WINE_ENV, cwd=HERE, preexec_fn=with_default_sigint(), **how)
+                self.addCleanup(lambda client=client: client.poll() is None and (client.kill(), client.wait()))
+                if client.stdin:
+                    client.stdin.write(b"hello\n")  # and the input stays open
+                    client.stdin.flush()
+                clients.append(client)
+        wait_until(lambda: len(connecting_to(full_port) - before) == 2, "both clients' SYN", timeout=3 * WAIT)
+        for client in clients[:2]:
+            client.send_signal(signal.SIGINT)  # Wine delivers it as Ctrl-C
+        for (what, _, _, _, statuses, words), client in zip(cases, clients):
+            with self.subTest(what):
+                _, said = client.communicate(timeout=3 * WAIT)
+                said = said.decode("utf-8", errors="replace").replace("\r\n", "\n")
+                assert_a_clean_end(self, said, client.returncode, statuses)
+                if words:
+                    self.assertEqual(said, words + "\n")
 
 
 if __name__ == "__main__":
