@@ -47,7 +47,7 @@ class Server:
         self.accept_paused_until = 0.0  # accept() failed for want of descriptors: wait
         self.waited_for = []        # the readers the room waits for this turn ...
         self.turn_began = time.monotonic()  # ... since this moment
-        self.peers = []             # step 5: other servers' rooms joined to ours (nats_link.py)
+        self.extras = []            # steps 5 and 6 (nats_link.py, tls_layer.py) join our loop
         self.turn_is_full = False   # a reader is one read from OUTBUF_LIMIT: read no more now
 
 
@@ -61,8 +61,8 @@ def serve(server):
         if not room_is_waiting(server):
             want_read += [c.sock for c in server.clients.values() if not c.closing]
         want_write = [c.sock for c in server.clients.values() if c.outbuf]
-        for peer in server.peers:  # step 5: another server's room, over a socket of its own
-            peer.add_sockets(want_read, want_write, bool(server.waited_for))
+        for extra in server.extras:  # steps 5 and 6: sockets of their own, in the same wait
+            extra.add_sockets(want_read, want_write, bool(server.waited_for))
 
         # The one place we wait: until a socket is ready or a timer is due. Writable means the
         # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
@@ -74,8 +74,8 @@ def serve(server):
                 accept_clients(server)
             elif sock in server.clients and not server.turn_is_full:  # (see broadcast())
                 read_from(server.clients[sock], server)
-        for peer in server.peers:
-            peer.serve_ready(readable, writable)
+        for extra in server.extras:
+            extra.serve_ready(readable, writable)
         # One send() to every client with output, not only to those select() found writable,
         # so what was queued this turn leaves this turn (speed). A full socket just refuses.
         for client in list(server.clients.values()):
@@ -92,7 +92,7 @@ def room_is_waiting(server):
     who keep up dropped. It notes whom the room waits for, and since when: see below."""
     server.waited_for = [c for c in server.clients.values()
                          if len(c.outbuf) > BEHIND and not c.closing]
-    server.waited_for += [peer for peer in server.peers if peer.behind()]
+    server.waited_for += [extra for extra in server.extras if extra.behind()]
     server.turn_began = time.monotonic()
     return bool(server.waited_for)
 
@@ -159,8 +159,8 @@ def broadcast(data, server, sender=None):
             client.outbuf += data
             if len(client.outbuf) > OUTBUF_LIMIT - RECV_SIZE:  # one more read could drop it:
                 server.turn_is_full = True  # several senders in one turn wait for the next
-    for peer in server.peers:  # step 5: the other servers' clients are in the room too
-        peer.publish(data, sender)
+    for extra in server.extras:  # step 5: the other servers' clients are in the room too
+        extra.publish(data, sender)
 
 
 def write_to(client, server):
@@ -199,9 +199,6 @@ def close_leavers(server):
 
 
 # The fine print ------------------------------------------------------------------------
-
-
-# Step 1's listening socket, unchanged.
 def open_listener(host, port):
     """The listening socket, non-blocking like every socket the loop serves. A blocking call
     (accept, recv, send) waits until it can act, and while it waits for one client, no one
@@ -334,12 +331,12 @@ def seat_free(sock, server):
     if len(server.clients) >= server.settings.max_clients:
         return False
     if os.name == "nt":
-        return len(server.clients) + 1 + len(server.peers) < FD_SETSIZE  # the listener, links
+        return len(server.clients) + 1 + len(server.extras) < FD_SETSIZE  # + 1: the listener
     return sock.fileno() < FD_SETSIZE
 
 
 def refuse(sock, addr, server):
-    """No seat for this connection: log it, say so, and close it."""
+    """No seat for this connection: log it and close it (chat_server.py says why first)."""
     log(f"{format_addr(addr)} refused: server full ({online(server)})")
     try:
         sock.setblocking(False)
@@ -391,11 +388,11 @@ def parse_args(argv):
                         help="close a client that has left once it has taken none of its "
                              "pending output for this long (default: %(default)s)")
     parser.add_argument("--stall-budget", type=seconds, default=STALL_BUDGET, metavar="SECONDS",
-                        help="drop a reader once the room has waited this long for it, less "
-                             "what it earned back by reading (default: %(default)s)")
+                        help="drop a reader the room waited this long for (default: %(default)s)")
     parser.add_argument("--nats", metavar="HOST:PORT",
-                        help="share the room with every server linked to this NATS server "
-                             "(step 5, nats_link.py; default: no link)")
+                        help="step 5: share the room through this NATS server (nats_link.py)")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
+                        help="step 6: serve over TLS with this PEM certificate and key (tls_layer.py)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
@@ -431,9 +428,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         listener = start(args)
-        server = listener and Server(listener, args)
-        if server and args.nats and not join_nats(server, args.nats):
-            server = None  # (join_nats() said why)
+        server = listener and join_steps(Server(listener, args))
     except KeyboardInterrupt:  # Ctrl-C while we start
         return 0
     if not server:
@@ -461,16 +456,22 @@ def main(argv=None):
     return 0
 
 
-def join_nats(server, address):
-    """Step 5, loaded only for --nats: copied alone, this file runs steps 1 to 4."""
+def join_steps(server):
+    """Steps 5 (--nats) and 6 (--tls) live in modules beside this file, loaded only for
+    their option: copied alone, this file runs steps 1 to 4. None if one cannot start."""
     try:
-        import nats_link
+        if server.settings.tls:
+            import tls_layer
+            server = tls_layer.open_door(server, accept_clients, read_from, seat_free, log)
+        if server and server.settings.nats:
+            import nats_link
+            rules = dict(RECV_SIZE=RECV_SIZE, LINE_LIMIT=LINE_LIMIT, BEHIND=BEHIND, REFILL=REFILL)
+            server = nats_link.join(server, dict(rules, PAYBACK=PAYBACK), broadcast, log)
     except ImportError as err:
-        print(f"error: --nats needs nats_link.py beside chat_server.py ({err})", file=sys.stderr)
-        return False
-    rules = dict(RECV_SIZE=RECV_SIZE, LINE_LIMIT=LINE_LIMIT, BEHIND=BEHIND, REFILL=REFILL,
-                 PAYBACK=PAYBACK, STALL_BUDGET=server.settings.stall_budget)
-    return nats_link.join(server, address, rules, broadcast, log)
+        option = "--tls" if err.name == "tls_layer" else "--nats"
+        print(f"error: {option} needs {err.name}.py beside chat_server.py ({err})", file=sys.stderr)
+        return None
+    return server
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def seat_free(sock, server):
 
 
 def refuse(sock, addr, server):
-    """No seat for this connection: log it and close it."""
+    """No seat for this connection: log it and close it (chat_server.py says why first)."""
     log(f"{format_addr(addr)} refused: server full ({online(server)})")
     sock.close()
 

@@ -175,17 +175,19 @@ class NatsLink:
 PROTOCOL_LINE_LIMIT = 16 * 1024  # no line of NATS's protocol (INFO included) is longer
 
 
-def join(server, address, rules, broadcast, log):
-    """Link server's room (chat_server.py's Server) to NATS at address, now, waiting for
-    the greeting (GREETING_TIMEOUT at most): the server does not start without its link.
-    True once linked; False after saying on stderr why there is no link."""
+def join(server, rules, broadcast, log):
+    """Link server's room (chat_server.py's Server) to NATS at server.settings.nats (--nats),
+    now, waiting for the greeting (GREETING_TIMEOUT at most): the server does not start
+    without its link. Returns server once linked; None after saying on stderr why not."""
+    address = server.settings.nats
     try:
         host, port, credentials = parse_address(address)
     except ValueError as err:  # (what is before an "@" may be a secret: not shown)
         print(f"error: --nats {shown(re.sub(r'//[^/]*@', '//...@', address))}: {err}",
               file=sys.stderr)
-        return False
+        return None
     name = f"{socket.gethostname()}:{server.listener.getsockname()[1]}"
+    rules = dict(rules, STALL_BUDGET=server.settings.stall_budget)  # --stall-budget
     peer = NatsLink((host, port, credentials), name, rules, log,
                     relay=lambda data, sender: broadcast(data, server, sender))
     try:
@@ -201,10 +203,10 @@ def join(server, address, rules, broadcast, log):
     except OSError as err:
         print(f"error: cannot link to NATS at {peer.where}: {describe(err)}", file=sys.stderr)
     else:
-        server.peers.append(peer)
+        server.extras.append(peer)
         log(f"linked to NATS at {peer.where}, as {peer.server_name}")
-        return True
-    return False
+        return server
+    return None
 
 
 def parse_address(address):
