@@ -386,8 +386,8 @@ def select_windows(want_read, want_write, want_error=(), timeout=None):
     pipe) ourselves, before and after a wait of POLL_EVERY seconds at most. No threads,
     and select() is still where we wait; the cost is a key that waits up to POLL_EVERY
     seconds to be seen, and a loop that wakes 20 times a second while you are idle."""
-    sockets = [s for s in want_read if isinstance(s, socket.socket)]
-    inputs = [i for i in want_read if not isinstance(i, socket.socket)]
+    sockets = [s for s in want_read if hasattr(s, "recv")]  # (step 6's TlsSocket too)
+    inputs = [i for i in want_read if not hasattr(i, "recv")]
     ready = [i for i in inputs if input_waiting(i)]
     if inputs:
         timeout = 0 if ready else POLL_EVERY if timeout is None else min(timeout, POLL_EVERY)
@@ -594,20 +594,23 @@ def stdio_failed(err):
 
 
 def describe(err):
-    """An OSError in a few lower-case words: "connection refused"."""
-    return (err.strerror or str(err)).lower()
+    """An OSError in a few words, lower case first: "connection refused"."""
+    words = err.strerror or str(err)
+    return words[:1].lower() + words[1:]
 
 
 def format_addr(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def connect(host, port):
-    """A connected socket, or None after saying on stderr why there is none."""
+def connect(host, port, tls=None):
+    """A connected socket, or None after saying on stderr why there is none. With tls (a
+    context from tls_context()), a TLS connection to a server it trusts (step 6)."""
     where = format_addr(host, port)
     try:
         # create_connection tries every address the name resolves to (IPv6 and IPv4).
-        return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        return tls_layer.connect(sock, tls, host, CONNECT_TIMEOUT) if tls else sock
     except (socket.gaierror, UnicodeError) as err:  # UnicodeError: "a..b" is no host name
         why = err.strerror if isinstance(err, socket.gaierror) else "not a valid host name"
         print(f"error: cannot resolve host {host!r}: {why}", file=sys.stderr)
@@ -617,6 +620,22 @@ def connect(host, port):
     except OSError as err:
         print(f"error: cannot connect to {where}: {describe(err)}", file=sys.stderr)
     return None
+
+
+def tls_context(cafile):
+    """Step 6, loaded only for --tls: tls_layer.py, beside this file, and what it needs to
+    check the server: the certificates in cafile, and no others. None after saying why."""
+    global tls_layer
+    try:
+        import tls_layer
+    except ImportError as err:
+        print(f"error: --tls needs tls_layer.py beside chat_client.py ({err})", file=sys.stderr)
+        return None
+    try:
+        return tls_layer.client_context(cafile)
+    except OSError as err:  # no such file, or no certificate in it
+        print(f"error: --tls {cafile}: {describe(err)}", file=sys.stderr)
+        return None
 
 
 def main(argv=None):
@@ -631,12 +650,18 @@ def main(argv=None):
     parser.add_argument("--linger", type=seconds, default=5.0, metavar="SECONDS",
                         help="from a pipe, after the last line: how long to wait for what "
                              "the server still says (default: %(default)s)")
+    parser.add_argument("--tls", metavar="CAFILE",
+                        help="step 6: talk TLS, to a server whose certificate CAFILE holds "
+                             "or vouches for (tls_layer.py; default: plain TCP)")
     args = parser.parse_args(argv)
     if not 0 < args.port <= 65535:
         parser.error("--port must be from 1 to 65535")
 
     keep_stdio_usable()
-    sock = connect(args.host, args.port)
+    tls = args.tls and tls_context(args.tls)
+    if args.tls and not tls:
+        return 1
+    sock = connect(args.host, args.port, tls)
     if not sock:
         return 1
     sock.setblocking(False)

@@ -285,11 +285,11 @@ def drop_unjoined(door, sock, addr, why):
 
 def why_not(err):
     """Why a handshake failed, in a few words: "not TLS" for a plain client."""
-    reason = (err.reason or "").lower().replace("_", " ")
+    reason = describe(err)
     if reason in ("wrong version number", "http request", "unknown protocol",
                   "record layer failure", "packet length too long", "unsupported protocol"):
         return f"not TLS ({reason})"
-    return f"TLS handshake failed: {reason or describe(err)}"
+    return f"TLS handshake failed: {reason}"
 
 
 def open_door(server, admit, read, seat_free, log):
@@ -309,12 +309,20 @@ def open_door(server, admit, read, seat_free, log):
     return server
 
 
-def connect(sock, cafile, host, timeout):
+def client_context(cafile):
+    """The client's TLS settings: it trusts the certificates in cafile, and only those; it
+    checks the server's, host name included (create_default_context() does both)."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError as err:  # a file, but no certificate in it
+        raise OSError(f"no certificate in it ({describe(err)})") from None
+
+
+def connect(sock, context, host, timeout):
     """The client's side, while it connects: a blocking handshake on sock (connected)
-    that checks the server's certificate against cafile, host name included. Returns a
+    that checks the server's certificate (context: client_context()). Returns a
     TlsSocket, non-blocking. Raises OSError: ssl.SSLCertVerificationError if the server
-    is not the one cafile vouches for (its verify_message says why)."""
-    context = ssl.create_default_context(cafile=cafile)  # CERT_REQUIRED, check_hostname
+    is not the one the context trusts (its verify_message says why)."""
     tls = wrap(sock, context, server_side=False, hostname=host)
     sock.settimeout(timeout)
     while True:
@@ -325,8 +333,14 @@ def connect(sock, cafile, host, timeout):
             sock.sendall(tls.outgoing.read())
             data = sock.recv(RECV_SIZE)
             if not data:
-                raise ConnectionError("the server closed the connection during the TLS handshake")
+                raise ConnectionError("it closed the connection during the TLS handshake "
+                                      "(is it a TLS server?)") from None
             tls.incoming.write(data)
+        except ssl.SSLCertVerificationError as err:  # the one error a user must understand
+            raise ConnectionError(f"its certificate is not trusted: {err.verify_message} "
+                                  "(is --tls given the server's certificate?)") from None
+        except ssl.SSLError as err:
+            raise ConnectionError(f"TLS failed: {describe(err)} (is it a TLS server?)") from None
     sock.sendall(tls.outgoing.read())
     sock.setblocking(False)
     return tls
@@ -339,5 +353,6 @@ def format_addr(addr):
 
 def describe(err):
     """An OSError (ssl.SSLError included) in a few lower-case words."""
-    words = getattr(err, "verify_message", None) or getattr(err, "reason", None)
-    return (words or err.strerror or str(err)).lower().replace("_", " ")
+    reason = getattr(err, "reason", None)  # ssl.SSLError's: "WRONG_VERSION_NUMBER"
+    words = reason.lower().replace("_", " ") if reason else err.strerror or str(err)
+    return words[:1].lower() + words[1:]
