@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import struct
 import shlex
 import shutil
@@ -2246,6 +2247,181 @@ class NatsLinkTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------------------
+# Step 6: tls_layer.py (chat_server.py --tls CERT KEY, chat_client.py --tls CAFILE)
+# ---------------------------------------------------------------------------------------
+
+OPENSSL = shutil.which("openssl")
+
+
+def make_certificate(folder, name, names):
+    """A self-signed certificate and key, name.pem and name.key in folder, for names (the
+    subjectAltName), made as the README says: Python 3.13 takes it as well as 3.9."""
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=" + names.split(",")[0].split(":")[1],
+                    "-keyout", os.path.join(folder, name + ".key"), "-out", os.path.join(folder, name + ".pem"),
+                    "-addext", "subjectAltName=" + names, "-addext", "basicConstraints=critical,CA:TRUE"],
+                   check=True, capture_output=True, timeout=WAIT)
+    return os.path.join(folder, name + ".pem"), os.path.join(folder, name + ".key")
+
+
+class TlsPeer(Peer):
+    """A test client over TLS that trusts cafile: Peer's lines, through ssl's own socket."""
+
+    def __init__(self, test, port, cafile, host="127.0.0.1"):
+        context = ssl.create_default_context(cafile=cafile)
+        raw = socket.create_connection((host, port), timeout=WAIT)
+        self.sock = context.wrap_socket(raw, server_hostname=host)
+        test.addCleanup(self.sock.close)
+        self.buf = bytearray()
+
+
+@unittest.skipUnless(OPENSSL, "needs openssl, to make certificates (Debian: apt install openssl)")
+class TlsTest(unittest.TestCase):
+    """Step 6. CONTRACT.md, "Step 6": over TLS the room keeps every rule it has in plain
+    mode; a client joins once its handshake is done; a plain client gets no clear text and
+    the room goes on; the client trusts only the certificate it is given."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = tempfile.mkdtemp(prefix="test_chat.")
+        cls.cert, cls.key = make_certificate(cls.folder, "server", "DNS:localhost,IP:127.0.0.1")
+        cls.other, _ = make_certificate(cls.folder, "other", "DNS:other.example")
+        cls.named, cls.named_key = make_certificate(cls.folder, "named", "DNS:localhost")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder)
+
+    def start(self, *args, cert=None, key=None):
+        return Server(self, "chat_server.py", "--tls", cert or self.cert, key or self.key, *args)
+
+    def join(self, server):
+        peer = TlsPeer(self, server.port, self.cert)
+        self.assertEqual(peer.line(), WELCOME)
+        return peer
+
+    def test_lines_cross_over_tls_and_a_client_joins_only_once_its_handshake_is_done(self):
+        server = self.start()
+        ann = self.join(server)
+        waiting = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)  # no hello yet
+        self.addCleanup(waiting.close)
+        bob = self.join(server)
+        self.assertEqual(ann.line(), b"* a user joined (2 online)")  # bob's; the waiting one: none
+        ann.send(b"Ann: hello over TLS\nAnn: and a sec")
+        ann.send(b"ond line\n")
+        self.assertEqual((bob.line(), bob.line()), (b"Ann: hello over TLS", b"Ann: and a second line"))
+        bob.send(b"Bob: " + "h\u00e9llo".encode() + b"\r\n")
+        self.assertEqual(ann.line(), "Bob: h\u00e9llo".encode())
+        waiting.setblocking(False)
+        self.assertRaises(BlockingIOError, waiting.recv, 100)  # no clear text, not even a welcome
+        self.assertIn("connected (2 online)", server.stderr())
+
+    def test_a_plain_client_gets_no_clear_text_and_is_dropped_while_the_room_goes_on(self):
+        server = self.start()
+        ann, bob = self.join(server), self.join(server)
+        self.assertEqual(ann.line(), b"* a user joined (2 online)")
+        plain = Peer(self, server.port)
+        plain.send(b"Plain: hello?\n")
+        self.assertEqual(plain.read_to_eof(), b"")  # closed, and not a byte of clear text
+        server.wait_for_log("dropped: not TLS")
+        ann.send(b"Ann: still here\n")
+        self.assertEqual(bob.line(), b"Ann: still here")
+        silent = Peer(self, server.port)  # says nothing: dropped once its time is up
+        self.assertEqual(silent.read_to_eof(), b"")
+        server.wait_for_log("dropped: no TLS handshake in 5 s")
+
+    def test_a_leavers_last_line_arrives_with_its_goodbye(self):
+        server = self.start()
+        ann, cy = self.join(server), self.join(server)
+        self.assertEqual(ann.line(), b"* a user joined (2 online)")
+        cy.send(b"Cy: bye for n")
+        cy.send(b"ow")  # no "\n": the close_notify that follows ends the line
+        cy.sock.unwrap()
+        self.assertEqual((ann.line(), ann.line()), (b"Cy: bye for now", b"* a user left (1 online)"))
+
+    def test_a_tls_client_that_does_not_read_is_dropped_as_too_slow_and_the_room_goes_on(self):
+        server = self.start("--stall-budget", "0.5")
+        alice, bob = self.join(server), self.join(server)
+        stuck = TlsPeer(self, server.port, self.cert)  # joins, then never reads again
+        self.assertEqual((alice.line(), alice.line()), (b"* a user joined (2 online)",
+                                                        b"* a user joined (3 online)"))
+        self.assertEqual(bob.line(), b"* a user joined (3 online)")
+        sent, got = [b"%06d " % n + b"x" * 992 for n in range(3000)], []  # 3 MB
+        for n in range(0, len(sent), 300):  # far more than the stuck one's buffers hold
+            alice.send(b"".join(line + b"\n" for line in sent[n:n + 300]))
+            while len(got) < n + 300:  # bob reads all the while
+                got.append(bob.line())
+        got.append(bob.line())
+        self.assertIn(b"* a user left (2 online)", got)  # the stuck one, dropped
+        got.remove(b"* a user left (2 online)")
+        self.assertEqual(got, sent)  # and bob got every line, in order
+        self.assertIn("dropped: too slow", server.stderr())
+        self.assertLess(peak_rss_mb(server.pid), 80)
+
+    def test_a_flooder_over_tls_gets_no_reader_dropped_and_every_line_arrives(self):
+        server = self.start()
+        reader = Proc(self, "chat_client.py", "--host", "127.0.0.1", "--port", str(server.port),
+                      "--name", "reader", "--tls", self.cert)
+        reader.expect("Welcome to the chatroom!\n")
+        flooder = self.join(server)
+        lines = [b"%07d " % n + b"f" * 60 + b"\n" for n in range(20000)]  # 1.3 MB, flat out
+        flooder.send(b"".join(lines))
+        flooder.send(b"END\n")
+        reader.expect("\nEND\n", timeout=3 * WAIT)
+        got = [row for row in reader.output.split("\n") if row.endswith("f" * 60)]
+        self.assertEqual(got, [line.decode().rstrip("\n") for line in lines])
+        self.assertNotIn("dropped", server.stderr())
+
+    def test_the_client_chats_over_tls_and_refuses_a_server_it_does_not_trust(self):
+        server = self.start()
+        ann = self.join(server)
+        client = Proc(self, "chat_client.py", "--host", "localhost", "--port", str(server.port),
+                      "--name", "John", "--tls", self.cert)
+        client.expect("Welcome to the chatroom!\n")
+        self.assertEqual(ann.line(), b"* a user joined (2 online)")
+        client.type("Hi over TLS\n")
+        self.assertEqual(ann.line(), b"John: Hi over TLS")
+        ann.send(b"Ann: hello John\n")
+        client.expect("Ann: hello John\n")
+        client.close_stdin()
+        self.assertEqual(client.wait(), 0)
+        self.assertEqual(ann.line(), b"* a user left (1 online)")
+        named = self.start(cert=self.named, key=self.named_key)  # its name: localhost only
+        for cafile, host, port, words in (
+                (self.other, "127.0.0.1", server.port, "its certificate is not trusted: self-signed"),
+                (self.named, "127.0.0.1", named.port, "its certificate is not trusted: IP address mismatch"),
+                (os.path.join(self.folder, "none.pem"), "127.0.0.1", server.port, "none.pem: no such file")):
+            with self.subTest(cafile=os.path.basename(cafile), host=host):
+                result = subprocess.run(
+                    [sys.executable, os.path.join(HERE, "chat_client.py"), "--host", host,
+                     "--port", str(port), "--name", "J", "--tls", cafile],
+                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=WAIT)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                self.assertIn(words, result.stderr)
+                self.assertEqual(result.stdout, "")
+
+    def test_server_copied_alone_says_what_step_6_needs_and_bad_files_are_one_line(self):
+        folder = tempfile.mkdtemp(prefix="test_chat.")
+        self.addCleanup(shutil.rmtree, folder)
+        shutil.copy(os.path.join(HERE, "chat_server.py"), folder)
+        for script, args, words in (
+                (os.path.join(folder, "chat_server.py"), [self.cert, self.key],
+                 "error: --tls needs tls_layer.py beside chat_server.py"),
+                (os.path.join(HERE, "chat_server.py"), [self.cert, self.named_key],
+                 "key values mismatch"),
+                (os.path.join(HERE, "chat_server.py"), [self.cert, os.path.join(folder, "no.key")],
+                 "no.key: no such file or directory")):
+            with self.subTest(words=words):
+                result = subprocess.run([sys.executable, script, "--port", "0", "--tls", *args],
+                                        stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                        timeout=WAIT)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+                self.assertIn(words, result.stderr)
+
+
+# ---------------------------------------------------------------------------------------
 # What all the scripts share: both servers alike, the command line, the load generator,
 # and the Windows build of Python
 # ---------------------------------------------------------------------------------------
@@ -2510,7 +2686,7 @@ class CommandLineTest(unittest.TestCase):
                    "chat_server.py": ["--host", "--port", "--max-clients", "--drain-timeout",
                                       "--stall-budget", "--nats", "--tls"],
                    "echo_client.py": ["--host", "--port"],
-                   "chat_client.py": ["--host", "--port", "--name", "--linger"]}
+                   "chat_client.py": ["--host", "--port", "--name", "--linger", "--tls"]}
         for script, names in options.items():
             with self.subTest(script=script):
                 result = self.run_script(script, "-h")
