@@ -3069,6 +3069,33 @@ class WindowsClientTest(UnderWine, unittest.TestCase):
         self.assertEqual(client.wait(), 0)
         no_traceback(self, client.read_to_end())
 
+    @unittest.skipUnless(OPENSSL, "needs openssl, to make a certificate")
+    def test_chat_client_over_tls_checks_the_certificate_and_chats(self):
+        cert, key = make_certificate(self.folder, "server", "DNS:localhost,IP:127.0.0.1")
+        other_cert, _ = make_certificate(self.folder, "other", "DNS:other.example")
+        server = Server(self, "chat_server.py", "--tls", cert, key)
+        other = TlsPeer(self, server.port, cert)
+        self.assertEqual(other.line(), WELCOME)
+        client = Proc(self, self.pipe_shim, "chat_client.py", "--host", "127.0.0.1", "--port",
+                      str(server.port), "--name", "Ann", "--tls", cert, windows=True)
+        client.expect("Welcome to the chatroom!\n")
+        self.assertEqual(other.line(), b"* a user joined (2 online)")
+        client.type("hi over TLS\n")
+        self.assertEqual(other.line(), b"Ann: hi over TLS")
+        other.send(b"Bob: hello Ann\n")
+        client.expect("Bob: hello Ann\n")
+        client.close_stdin()
+        self.assertEqual(other.line(), b"* a user left (1 online)")
+        self.assertEqual(client.wait(), 0)
+        no_traceback(self, client.read_to_end())
+        refused = Proc(self, self.pipe_shim, "chat_client.py", "--host", "127.0.0.1", "--port",
+                       str(server.port), "--name", "Ann", "--tls", other_cert, windows=True)
+        refused.close_stdin()
+        self.assertEqual(refused.wait(), 1)
+        said = refused.read_to_end()
+        self.assertIn("its certificate is not trusted", said)
+        no_traceback(self, said)
+
     def test_chat_client_in_a_console_keeps_the_typed_line_and_edits_it(self):
         server, other = self.chat_room()
         console = Console(self, self.shim, "chat_client.py", "--host", "127.0.0.1",
