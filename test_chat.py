@@ -2773,6 +2773,23 @@ class LoadTestTest(unittest.TestCase):
         self.assertEqual((rows["clients held"], rows["refused politely"], rows["one line reached"]),
                          ("8", "2", "7"), rows)
 
+    @unittest.skipUnless(OPENSSL, "needs openssl, to make a certificate")
+    def test_its_tls_column_measures_fanout_and_latency_over_tls_and_finds_nothing_wrong(self):
+        result = subprocess.run(
+            [sys.executable, LOADTEST, "--seconds", "0.1", "--clients", "5", "--senders", "2",
+             "--rate", "200", "--only", "fanout,latency", "--tls", "--chat",
+             " ".join(shlex.quote(word) for word in
+                      (sys.executable, os.path.join(HERE, "chat_server.py"), "--port")) + " {port}"],
+            capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        for test, row in (("fanout", "deliveries/s"), ("latency", "p50 ms")):
+            section = result.stdout.split(f"\n{test}: ", 1)[1].split("\n\n", 1)[0]
+            self.assertIn("chat_server.py --tls", section)
+            cells = dict((line.split()[0] if not line.startswith("  ") else line[:26].strip(),
+                          line[26:].split()) for line in section.splitlines()[1:])
+            self.assertGreater(float(cells[row][-1].replace(",", "")), 0, section)
+            self.assertEqual(cells["errors"], ["none", "none"], section)
+
     @unittest.skipUnless(NATS_SERVER,
                          "needs nats-server (Debian: apt install nats-server)")
     def test_its_cluster_of_linked_servers_holds_and_checks_every_line(self):

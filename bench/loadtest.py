@@ -19,6 +19,11 @@ lines across servers. To hold 4,000 clients on 4 servers:
 
     python bench/loadtest.py --cluster 4 --only hold --hold 4000
 
+Step 6, the room over TLS: --tls adds a column for chat_server.py --tls in fanout and
+latency (the clients speak TLS too, through tls_layer.py; openssl makes the certificate):
+
+    python bench/loadtest.py --only fanout,latency --tls
+
 The tests:
   fanout    100 clients, 10 of them sending flat out: lines received per second, across
             all clients ("deliveries"). Each sender has a window of lines in flight, so no
@@ -125,8 +130,9 @@ class Server:
 
     servers = 1  # how many servers share the room (a Cluster has more)
 
-    def __init__(self, cmd=None, addr=None, pid=None):
+    def __init__(self, cmd=None, addr=None, pid=None, tls=None):
         self.cmd, self.popen, self.pid = cmd, None, pid
+        self.tls = tls  # step 6: the clients' TLS context, for a server started with --tls
         self.host, self.port = addr if addr else ("127.0.0.1", free_port())
         self.connections = 0  # made so far: see next_address()
 
@@ -162,6 +168,14 @@ class Server:
         reads into a fresh 256 KiB buffer per recv(): until one such buffer has been freed
         whole (at the first end of a connection), the C library gets each one from mmap(),
         and asyncio runs at half speed or less."""
+        if self.tls:  # one TLS connection in and out instead
+            sock = connect(self, 1)[0]
+            sock.shutdown(socket.SHUT_WR)
+            while select.select([sock], [], [], WAIT)[0] and read_chat_lines(sock, [])[1]:
+                pass
+            sock.close()
+            self.connections = 0
+            return
         with socket.create_connection((self.host, self.port), timeout=WAIT) as sock:
             sock.shutdown(socket.SHUT_WR)
             while sock.recv(65536):
@@ -298,6 +312,8 @@ def connect(server, n, nodelay=False):
         sock = socket.create_connection(server.next_address(), timeout=WAIT)
         if nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if server.tls:  # step 6: a TlsSocket has recv() and send() of plaintext, like a socket
+            sock = tls_layer.connect(sock, server.tls, server.host, WAIT)
         sock.setblocking(False)
         socks.append(sock)
     return socks
@@ -839,6 +855,26 @@ def machine():
             f"Python {platform.python_version()}")
 
 
+def tls_server():
+    """Step 6: (a command that starts chat_server.py over TLS, the clients' TLS context).
+    The certificate and key are made now, in a folder that is removed when we exit."""
+    import atexit
+    import tempfile
+    global tls_layer
+    sys.path.insert(0, ROOT)
+    import tls_layer
+    folder = tempfile.mkdtemp(prefix="loadtest.")
+    atexit.register(shutil.rmtree, folder)
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-keyout", key, "-out", cert, "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1", "-addext",
+                    "basicConstraints=critical,CA:TRUE"], check=True, capture_output=True)
+    command = (f"{PY} {shlex.quote(os.path.join(ROOT, 'chat_server.py'))} --port {{port}} "
+               f"--tls {shlex.quote(cert)} {shlex.quote(key)}")
+    return command, tls_layer.client_context(cert)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -867,6 +903,9 @@ def main(argv=None):
     parser.add_argument("--idle", type=int, default=0,
                         help="in rtt1 and rtt50: connections that stay open and silent meanwhile "
                              "(default: 0)")
+    parser.add_argument("--tls", action="store_true",
+                        help="in fanout and latency, add a column for chat_server.py over TLS "
+                             "(step 6), with a throwaway certificate that openssl makes")
     parser.add_argument("--cluster", type=int, default=0, metavar="N",
                         help="in the chat tests, add N chat_server.py linked through one "
                              "nats-server (step 5), after the other chat servers (default: none)")
@@ -895,6 +934,12 @@ def main(argv=None):
         if not nats:
             parser.error("--cluster needs nats-server (Debian: apt install nats-server)")
         targets["chat"] = targets["chat"] + [None]  # None: the cluster
+    tls_command = tls_context = None
+    if args.tls:
+        if args.connect or not shutil.which("openssl"):
+            parser.error("--tls needs openssl (Debian: apt install openssl), and not --connect")
+        tls_command, tls_context = tls_server()
+        targets["chat"] = targets["chat"] + [tls_command]
 
     print(f"loadtest on {machine()}")
     failed = False
@@ -902,14 +947,18 @@ def main(argv=None):
         runs = {}  # server name -> one result per round
         for _ in range(args.repeat):
             for cmd in targets["chat" if test in CHAT_TESTS else "echo"]:
-                name = label(cmd) if cmd else args.connect or f"{args.cluster} linked by NATS"
+                tls = args.tls and cmd == tls_command
+                if tls and test not in ("fanout", "latency"):
+                    continue
+                name = label(cmd) + " --tls" if tls else label(cmd) if cmd else \
+                    args.connect or f"{args.cluster} linked by NATS"
                 try:
                     if args.connect:
                         server = Server(addr=(host.strip("[]"), int(port)), pid=args.pid)
                     elif cmd is None:
                         server = Cluster(args.cluster, nats)
                     else:
-                        server = Server(cmd)
+                        server = Server(cmd, tls=tls_context if tls else None)
                     with server:
                         result = run_one(test, server, args)
                 except (OSError, RuntimeError) as err:
