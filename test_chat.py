@@ -2403,6 +2403,22 @@ class TlsTest(unittest.TestCase):
                 self.assertIn(words, result.stderr)
                 self.assertEqual(result.stdout, "")
 
+    def test_openssl_s_client_that_verifies_the_server_chats_with_it(self):
+        server = self.start()
+        ann = self.join(server)
+        tool = subprocess.Popen([OPENSSL, "s_client", "-quiet", "-no_ign_eof", "-verify_return_error",
+                                 "-CAfile", self.cert, "-connect", f"127.0.0.1:{server.port}"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: tool.poll() is None and tool.kill() or tool.wait())
+        self.addCleanup(tool.stdout.close)
+        self.assertEqual(tool.stdout.readline(), WELCOME + b"\n")
+        self.assertEqual(ann.line(), b"* a user joined (2 online)")
+        tool.stdin.write(b"Tool: hello from s_client\n")
+        tool.stdin.close()  # and it leaves
+        self.assertEqual((ann.line(), ann.line()), (b"Tool: hello from s_client",
+                                                    b"* a user left (1 online)"))
+
     def test_server_copied_alone_says_what_step_6_needs_and_bad_files_are_one_line(self):
         folder = tempfile.mkdtemp(prefix="test_chat.")
         self.addCleanup(shutil.rmtree, folder)

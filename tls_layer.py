@@ -30,6 +30,9 @@ read or change a line. Nothing reaches a client before its handshake is done, no
 "server full" (a refused connection is just closed). A handshake holds a seat, so it must
 be done within HANDSHAKE_TIMEOUT, or the connection is dropped; so is one that is not
 TLS at all (a plain client), and the room goes on.
+Other clients that check the server chat too: `openssl s_client -quiet -verify_return_error
+-CAfile cert.pem -connect localhost:7007`, `ncat --ssl --ssl-verify --ssl-trustfile cert.pem
+localhost 7007` (without --ssl-verify, ncat checks nothing: the wrong reflex to learn).
 Left out: client certificates, reloading the certificate, session resumption.
 """
 import ssl
