@@ -42,6 +42,7 @@ import time
 HANDSHAKE_TIMEOUT = 5.0     # seconds a new connection has to finish its TLS handshake
 RECORD = 16 * 1024          # plaintext encrypted per send(): one TLS record at most
 RECV_SIZE = 64 * 1024       # ciphertext taken per recv() during a handshake
+UNSENT_LIMIT = 64 * 1024    # TLS's own messages a peer leaves unread: past this, it is dropped
 ACCEPT_BATCH = 16           # connections accepted per accept() at most
 
 
@@ -74,6 +75,8 @@ class TlsSocket:
             self.incoming.write_eof()
         plaintext = read_plaintext(self)  # all of it: what OpenSSL keeps, select() cannot see
         send_now(self)  # whatever reading made TLS say (an alert, a key update)
+        if len(self.unsent) > UNSENT_LIMIT:  # a peer that asks for answers it never reads
+            raise ConnectionError("TLS messages pile up unread")
         if not data:
             self.peer_closed = True
         if plaintext:
@@ -303,6 +306,7 @@ def open_door(server, admit, read, seat_free, log):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.num_tickets = 0  # no session tickets: they would come after the handshake
+        context.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2) a handshake costs us CPU
         context.load_cert_chain(cert, key)
     except (OSError, ValueError) as err:  # missing file, not PEM, key does not match
         print(f"error: --tls {cert} {key}: {describe(err)}", file=sys.stderr)
