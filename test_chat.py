@@ -2201,6 +2201,18 @@ class NatsLinkTest(unittest.TestCase):
                 self.assertNotIn("\x1b", error)
                 no_traceback(self, error)
 
+    def test_ctrl_c_while_it_waits_for_the_greeting_ends_it_cleanly(self):
+        fake = FakeNats(self)
+        server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{fake.port}")
+        conn, _ = fake.listener.accept()  # the link is in; we never greet it
+        self.addCleanup(conn.close)
+        server.popen.send_signal(signal.SIGINT)
+        self.assertIn(server.wait(), (0, 130, -signal.SIGINT))
+        said = server.stderr()
+        no_traceback(self, said)
+        self.assertNotIn("Exception ignored", said)
+        self.assertLessEqual(said.count("\n"), 1, said)
+
     def test_a_greeting_that_drips_in_byte_by_byte_still_has_one_deadline(self):
         fake = FakeNats(self)
         started = time.monotonic()
@@ -2490,6 +2502,25 @@ class EveryServerTests:
                 self.assertEqual(server.stop(sig), 0)
                 self.assertEqual(peer.read_to_eof(), b"")  # its socket was closed
                 no_traceback(self, server.stderr())
+
+    def test_a_full_stdout_and_a_write_only_stdin_cost_nothing_and_ctrl_c_still_ends_it(self):
+        # As nohup can leave them: stdin open for writing only, stdout a full disk (so the
+        # listening line is lost: we give the port).
+        port = free_port()
+        with open(os.devnull, "w") as stdin, open("/dev/full", "w") as stdout:
+            server = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, self.script), "--port", str(port)],
+                stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, preexec_fn=with_default_sigint())
+        self.addCleanup(lambda: server.poll() is None and server.kill() or server.wait())
+        self.addCleanup(server.stderr.close)
+        first = server.stderr.readline().decode()  # the log's first line, once it listens
+        self.assertIn("serving up to", first)
+        self.assertFalse(self.is_refused(Peer(self, port)))
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.wait(timeout=WAIT), 0)
+        said = first + server.stderr.read().decode()
+        no_traceback(self, said)
+        self.assertNotIn("Exception ignored", said)
 
     # The log never takes a server down. A line that stderr cannot take now is dropped
     # and counted; the server goes on serving, and stops at once when asked.
