@@ -21,8 +21,9 @@ RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: benc
 OUTBUF_LIMIT = 256 * 1024   # a client with this much unsent output is not reading: drop it
 LINE_LIMIT = 4096           # longest line accepted, without its "\n"; longer ones get an error
 BEHIND = 64 * 1024          # a reader with more unsent than this holds the room back
-STALL_BUDGET = 2.0          # seconds a reader may hold the room back: see drop_slow_readers()
-TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
+PAYBACK = 0.1 / BEHIND      # seconds of the room's wait that one byte read pays for
+REFILL = 0.2                # budget earned back each second the room does not wait for a reader
+TICK = 0.5                  # select() waits this long at most: see time_to_wait()
 
 
 class Client:
@@ -45,8 +46,7 @@ class Server:
     def __init__(self, listener, settings):
         self.listener, self.settings, self.clients = listener, settings, {}  # socket -> Client
         self.accept_paused_until = 0.0  # accept() failed for want of descriptors: wait
-        self.waited_for = []        # the readers the room waits for this turn ...
-        self.turn_began = time.monotonic()  # ... since this moment
+        self.waited_for, self.turn_began = [], time.monotonic()  # whom the room waits for, since
         self.extras = []            # steps 5 and 6 (nats_link.py, tls_layer.py) join our loop
         self.turn_is_full = False   # a reader is one read from OUTBUF_LIMIT: read no more now
 
@@ -65,9 +65,8 @@ def serve(server):
             extra.add_sockets(want_read, want_write, bool(server.waited_for))
 
         # The one place we wait: until a socket is ready or a timer is due. Writable means the
-        # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
-        timeout = time_to_next_timer(server)
-        readable, writable, _ = select.select(want_read, want_write, [], timeout)
+        # kernel's send buffer has room (not that data arrived): a full one has taken some.
+        readable, writable, _ = select.select(want_read, want_write, [], time_to_wait(server))
         server.turn_is_full = False
         for sock in readable:
             if sock is server.listener:
@@ -87,9 +86,8 @@ def serve(server):
 
 def room_is_waiting(server):
     """Flood control. While a reader still in the room has more than BEHIND (64 KiB) unsent,
-    we read no one: TCP then slows every sender down to the pace of the slowest reader. This
-    is step 1's backpressure, for the whole room: a client sending flat out never gets readers
-    who keep up dropped. It notes whom the room waits for, and since when: see below."""
+    we read no one: TCP slows every sender to the slowest reader's pace (step 1's backpressure,
+    for the room), so a client sending flat out never gets readers who keep up dropped."""
     server.waited_for = [c for c in server.clients.values()
                          if len(c.outbuf) > BEHIND and not c.closing]
     server.waited_for += [extra for extra in server.extras if extra.behind()]
@@ -97,9 +95,9 @@ def room_is_waiting(server):
     return bool(server.waited_for)
 
 
-def time_to_next_timer(server):
+def time_to_wait(server):
     """How long select() may wait: until a client that has left runs out of --drain-timeout,
-    or accept() may be tried again; TICK at most, so a Ctrl-C is never missed for long."""
+    or accept() may be tried again; TICK at most (on Windows, Ctrl-C cannot cut it short)."""
     now, timers = time.monotonic(), [server.accept_paused_until]
     timers += [now + server.settings.stall_budget - c.stalled for c in server.waited_for]
     timers += [c.last_sent + server.settings.drain_timeout
@@ -109,7 +107,7 @@ def time_to_next_timer(server):
 
 def accept_clients(server):
     """A readable listener means connections are waiting: accept() will not block."""
-    for sock, addr in accept_waiting(server):  # a few a turn, and only those with a seat
+    for sock, addr in accept_waiting(server):  # listener.accept(), up to 16; the refused go
         sock.setblocking(False)
         client = Client(sock, format_addr(addr))
         server.clients[sock] = client
@@ -122,7 +120,7 @@ def read_from(client, server):
     try:
         data = client.sock.recv(RECV_SIZE)
     except BlockingIOError:
-        return  # select() said readable, but the data was gone; try again next turn
+        return  # select() said readable, but the data was gone (rare); try again next turn
     except OSError as err:  # ECONNRESET and friends: the client vanished
         drop_client(client, server, f"dropped: {describe(err)}")
         return
@@ -135,8 +133,8 @@ def relay_lines(client, data, server):
     """TCP is a byte stream: one recv() may hold half a line, or a hundred lines. We add
     data to inbuf, relay each complete line, and keep the unfinished rest in inbuf."""
     client.inbuf = (client.inbuf + data).replace(b"\r\n", b"\n")  # telnet and nc -C send "\r\n"
-    while b"\n\n" in client.inbuf:  # empty lines go, all at once: a flood of them costs
-        client.inbuf = client.inbuf.replace(b"\n\n", b"\n")  # what one recv() costs
+    while b"\n\n" in client.inbuf:  # empty lines go, many at a time: a flood of them costs
+        client.inbuf = client.inbuf.replace(b"\n\n", b"\n")  # a few replace(), not a loop
     *lines, client.inbuf = client.inbuf.lstrip(b"\n").split(b"\n")  # (so no line is empty)
     batch = bytearray()  # every line of this recv(), queued for the others in one go (speed)
     too_long = len(client.inbuf) > LINE_LIMIT + 1  # + 1: a "\r" may still await its "\n"
@@ -157,8 +155,8 @@ def broadcast(data, server, sender=None):
     for client in server.clients.values():
         if client is not sender and not client.closing:
             client.outbuf += data
-            if len(client.outbuf) > OUTBUF_LIMIT - RECV_SIZE:  # one more read could drop it:
-                server.turn_is_full = True  # several senders in one turn wait for the next
+            if len(client.outbuf) > OUTBUF_LIMIT - RECV_SIZE:  # one read from being dropped:
+                server.turn_is_full = True  # we read no one else this turn
     for extra in server.extras:  # step 5: the other servers' clients are in the room too
         extra.publish(data, sender)
 
@@ -177,13 +175,18 @@ def write_to(client, server):
 
 
 def drop_slow_readers(server):
-    """Slow readers. While the room waits for a reader, each 64 KiB it takes pays for 0.1 s
-    of the wait; the rest is charged to its stall budget (--stall-budget, 2 s), which refills
-    by 0.2 s a second while the room does not wait for it. Spent, or past OUTBUF_LIMIT, the
-    reader is dropped, however it spreads its reads: it holds the room back 2 s at once at
-    most, or one second in six over time, unless it reads 640 KiB a second."""
+    """Slow readers. A reader the room waited for pays for the wait by reading, 0.1 s per
+    64 KiB; the rest is charged to its stall budget (--stall-budget, 2 s), which refills by
+    0.2 s a second while the room does not wait for it. Spent, or past OUTBUF_LIMIT: dropped.
+    So one reader holds the room back 2 s at once, or one second in six, unless it reads."""
+    waited = time.monotonic() - server.turn_began  # this turn, select() included
     for client in list(server.clients.values()):
-        if spend_stall_budget(client, server) or len(client.outbuf) > OUTBUF_LIMIT:
+        if client in server.waited_for:  # what it did not pay for by reading is charged
+            client.stalled += max(0.0, waited - client.taken * PAYBACK)
+        else:
+            client.stalled = max(0.0, client.stalled - waited * REFILL)
+        client.taken = 0
+        if client.stalled > server.settings.stall_budget or len(client.outbuf) > OUTBUF_LIMIT:
             drop_client(client, server, f"dropped: too slow, {len(client.outbuf)} bytes unsent")
 
 
@@ -205,10 +208,10 @@ def open_listener(host, port):
     else is served. A non-blocking call acts now or raises BlockingIOError: select() waits."""
     family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
     listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
-    if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
+    if os.name != "nt":  # rebind at once after a restart (on Windows, 2 servers could share it)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(addr)         # claim the address and port: fails if another server has it
-    listener.listen(1024)       # from now on the kernel accepts connections: 1024 may queue
+    listener.listen(1024)       # from now on the kernel accepts connections: 1024 may wait
     listener.setblocking(False)
     return listener
 
@@ -226,20 +229,7 @@ SPARE_FDS = 24              # descriptors kept for stdin/out/err, the listener a
 # set a size that costs no speed in bench/loadtest.py (bench/README.md has the figures).
 SNDBUF = 64 * 1024
 log_lost = 0                # log lines that stderr could not take: see log()
-PAYBACK = 0.1 / BEHIND      # seconds of the room's wait that one byte read pays for
-REFILL = 0.2                # budget earned back each second the room does not wait for a reader
-
-
-def spend_stall_budget(client, server):
-    """Charge client for the turn that just ended, if the room waited for it: the time it did
-    not pay for by reading. Otherwise refill its budget. True once the budget is spent."""
-    waited = time.monotonic() - server.turn_began
-    if client in server.waited_for:  # what it did not pay for by reading is charged
-        client.stalled += max(0.0, waited - client.taken * PAYBACK)
-    else:
-        client.stalled = max(0.0, client.stalled - waited * REFILL)
-    client.taken = 0
-    return client.stalled > server.settings.stall_budget
+STALL_BUDGET = 2.0          # --stall-budget's default: see drop_slow_readers()
 
 
 def drop_client(client, server, why):
@@ -392,7 +382,7 @@ def parse_args(argv):
     parser.add_argument("--nats", metavar="HOST:PORT",
                         help="step 5: share the room through this NATS server (nats_link.py)")
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
-                        help="step 6: serve over TLS with this PEM certificate and key (tls_layer.py)")
+                        help="step 6: serve over TLS with this certificate and key (tls_layer.py)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
@@ -469,7 +459,7 @@ def join_steps(server):
             server = nats_link.join(server, dict(rules, PAYBACK=PAYBACK), broadcast, log)
     except ImportError as err:
         option = "--tls" if err.name == "tls_layer" else "--nats"
-        print(f"error: {option} needs {err.name}.py beside chat_server.py ({err})", file=sys.stderr)
+        print(f"error: {option} needs {err.name}.py beside chat_server.py", file=sys.stderr)
         return None
     return server
 

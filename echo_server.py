@@ -19,7 +19,7 @@ import time
 DEFAULT_PORT = 7007         # the challenge's port
 RECV_SIZE = 64 * 1024       # the most one recv() takes (bigger was slower: bench/README.md)
 PAUSE_READING_AT = 256 * 1024  # a client with this much unsent echo is not read until it drains
-TICK = 0.5                  # select() waits this long at most: see time_to_next_timer()
+TICK = 0.5                  # select() waits this long at most: see time_to_wait()
 
 
 class Client:
@@ -53,9 +53,8 @@ def serve(server):
         want_write = [c.sock for c in server.clients.values() if c.outbuf]
 
         # The one place we wait: until a socket is ready or a timer is due. Writable means the
-        # kernel's send buffer has room, not that data arrived. (The third list: TCP urgent data.)
-        timeout = time_to_next_timer(server)
-        readable, _, _ = select.select(want_read, want_write, [], timeout)
+        # kernel's send buffer has room (not that data arrived): a full one has taken some.
+        readable, _, _ = select.select(want_read, want_write, [], time_to_wait(server))
         for sock in readable:
             if sock is server.listener:
                 accept_clients(server)
@@ -69,9 +68,9 @@ def serve(server):
         close_leavers(server)
 
 
-def time_to_next_timer(server):
+def time_to_wait(server):
     """How long select() may wait: until a client that has left runs out of --drain-timeout,
-    or accept() may be tried again; TICK at most, so a Ctrl-C is never missed for long."""
+    or accept() may be tried again; TICK at most (on Windows, Ctrl-C cannot cut it short)."""
     now, timers = time.monotonic(), [server.accept_paused_until]
     timers += [c.last_sent + server.settings.drain_timeout
                for c in server.clients.values() if c.closing]
@@ -80,7 +79,7 @@ def time_to_next_timer(server):
 
 def accept_clients(server):
     """A readable listener means connections are waiting: accept() will not block."""
-    for sock, addr in accept_waiting(server):  # a few a turn, and only those with a seat
+    for sock, addr in accept_waiting(server):  # listener.accept(), up to 16; the refused go
         sock.setblocking(False)
         client = Client(sock, format_addr(addr))
         server.clients[sock] = client
@@ -91,7 +90,7 @@ def read_from(client, server):
     try:
         data = client.sock.recv(RECV_SIZE)
     except BlockingIOError:
-        return  # select() said readable, but the data was gone; try again next turn
+        return  # select() said readable, but the data was gone (rare); try again next turn
     except OSError as err:  # ECONNRESET and friends: the client vanished
         drop_client(client, server, f"dropped: {describe(err)}")
         return
@@ -129,10 +128,10 @@ def open_listener(host, port):
     else is served. A non-blocking call acts now or raises BlockingIOError: select() waits."""
     family, addr = resolve(host, port)  # IPv4 or IPv6: see the fine print
     listener = socket.socket(family, socket.SOCK_STREAM)  # a TCP socket
-    if os.name != "nt":  # bind again at once after a restart, while old connections linger
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (Windows: 2 could share)
+    if os.name != "nt":  # rebind at once after a restart (on Windows, 2 servers could share it)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(addr)         # claim the address and port: fails if another server has it
-    listener.listen(1024)       # from now on the kernel accepts connections: 1024 may queue
+    listener.listen(1024)       # from now on the kernel accepts connections: 1024 may wait
     listener.setblocking(False)
     return listener
 
