@@ -40,10 +40,12 @@ import unicodedata
 import urllib.parse
 
 SUBJECT = "chatroom"        # where the linked servers publish their lines
-# Our cap on one message, both ways. The link is read only while no reader has more than
-# 64 KiB unsent (the room's flood rule), so one message more leaves every reader far below
-# the 256 KiB that gets it dropped. A MSG announcing more is refused before it is read.
-MAX_PAYLOAD = 64 * 1024
+# Our cap on one message, both ways: with its MSG line it fits in one read (RECV_SIZE, 64 KiB),
+# and the link never holds more than that (see read_from_nats()). So one turn relays 64 KiB
+# at most, and only in a turn that has not filled any reader (see the room's broadcast()):
+# no reader is then pushed past the 256 KiB that gets it dropped. A MSG announcing more is
+# refused before it is read.
+MAX_PAYLOAD = 60 * 1024
 GREETING_TIMEOUT = 5.0      # seconds for all of connect, INFO and PONG
 RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again, doubling
 PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
@@ -52,11 +54,12 @@ PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the lin
 class NatsLink:
     """Our room's link to the other servers' rooms: one TCP connection to NATS."""
 
-    def __init__(self, address, server_name, rules, log, relay):
+    def __init__(self, address, server_name, rules, log, relay, turn_is_full):
         self.host, self.port, self.credentials = address
         self.where = format_addr(self.host, self.port)  # never the credentials: the log shows it
         self.server_name = server_name  # in our notices: "3 online on host:7007"
         self.rules, self.log, self.relay = rules, log, relay
+        self.turn_is_full = turn_is_full  # True once a reader is one read from being dropped
         self.sock = None
         self.state = "down"             # "connecting", "greeting" (until PONG), "up"
         self.inbuf = bytearray()        # from NATS: the start of a line or of a MSG's payload
@@ -97,8 +100,8 @@ class NatsLink:
         now = time.monotonic()
         if self.state == "connecting":
             finish_connecting(self, self.sock in writable)
-        if self.state in ("greeting", "up") and self.sock in readable:
-            read_from_nats(self)
+        if self.state in ("greeting", "up") and self.sock in readable and not self.turn_is_full():
+            read_from_nats(self)  # (like a client: not in a turn that has filled a reader)
         if self.state in ("greeting", "up") and self.outbuf:
             write_to_nats(self)
         if self.state in ("connecting", "greeting") and now - self.since > GREETING_TIMEOUT:
@@ -189,7 +192,8 @@ def join(server, rules, broadcast, log):
     name = f"{socket.gethostname()}:{server.listener.getsockname()[1]}"
     rules = dict(rules, STALL_BUDGET=server.settings.stall_budget)  # --stall-budget
     peer = NatsLink((host, port, credentials), name, rules, log,
-                    relay=lambda data, sender: broadcast(data, server, sender))
+                    relay=lambda data, sender: broadcast(data, server, sender),
+                    turn_is_full=lambda: server.turn_is_full)
     try:
         greet_now(peer)
     except (socket.gaierror, UnicodeError):
@@ -290,8 +294,9 @@ def finish_connecting(link, writable):
         link.state = "greeting"  # (since: still when we began to connect, one deadline for all)
 
 def read_from_nats(link):
+    """One read, of what makes inbuf one read's worth (RECV_SIZE) at most: see MAX_PAYLOAD."""
     try:
-        data = link.sock.recv(link.rules["RECV_SIZE"])
+        data = link.sock.recv(max(1, link.rules["RECV_SIZE"] - len(link.inbuf)))
     except BlockingIOError:
         return
     except OSError as err:

@@ -379,6 +379,18 @@ def queue_output_beyond_the_kernel(server_port, feeder, leaver, chunk, at_least)
     raise AssertionError("the kernel kept taking output")
 
 
+def send_queue(local_port, remote_port):
+    """Bytes in the kernel's send queue of the loopback connection local_port -> remote_port."""
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) \
+                        == (local_port, remote_port):
+                    return int(fields[4].split(":")[0], 16)
+    raise AssertionError(f"no connection {local_port} -> {remote_port}")
+
+
 def a_small_receive_buffer():
     """A socket that will hold little of what it is sent: the rest waits at the server."""
     sock = socket.socket()
@@ -2201,6 +2213,58 @@ class NatsLinkTest(unittest.TestCase):
                 self.assertNotIn("\x1b", error)
                 no_traceback(self, error)
 
+    def test_clients_and_the_link_read_in_one_turn_get_no_reader_dropped(self):
+        # The server is stopped (SIGSTOP) while four clients send 60 KB each and NATS sends
+        # 60 KB of messages; let go, one select() finds them all readable. The turn reads no
+        # one more, the link included, once a reader is one read from 256 KiB unsent.
+        fake = FakeNats(self)
+        server, conn, _ = fake.linked_server()
+        reader = a_small_receive_buffer()
+        self.addCleanup(reader.close)
+        reader.connect(("127.0.0.1", server.port))
+        senders = [Peer(self, server.port) for _ in range(4)]
+        for sender in senders:
+            self.assertEqual(sender.line(), WELCOME)
+        while senders[0].line() != b"* a user joined (5 online)":  # everyone is in
+            pass
+        # First the reader's kernel buffers fill up (it does not read), then 30 KB more wait
+        # for it in the server: under 64 KiB, so the room does not wait for it yet.
+        path = (server.port, reader.getsockname()[1])
+
+        def relay(lines, mark):  # sender 0 sends lines; the others see them all relayed
+            senders[0].send(lines)
+            for other in senders[1:]:
+                while not other.line().startswith(mark):
+                    pass
+        step = b"".join(b"%06d " % n + b"f" * 48 + b"\n" for n in range(150))  # 8 KB
+        for _ in range(100):
+            before = send_queue(*path)
+            relay(step, b"000149 ")
+            if send_queue(*path) == before:  # full: what the reader is sent waits in outbuf
+                break
+        relay(step * 4, b"000149 ")  # (the last of four)
+        burst = b"".join(b"%06d " % n + b"z" * 48 + b"\n" for n in range(1100))  # 60.5 KB
+        piece = b"".join(b"Bob: %05d " % n + b"m" * 43 + b"\n" for n in range(100))  # 5.5 KB
+        server.popen.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: server.popen.poll() is None and server.popen.send_signal(signal.SIGCONT))
+        for sender in senders:
+            sender.sock.setblocking(False)
+            self.assertEqual(sender.sock.send(burst), len(burst))
+        for _ in range(11):
+            conn.sendall(b"MSG chatroom 1 %d\r\n%s\r\n" % (len(piece), piece))
+        server.popen.send_signal(signal.SIGCONT)
+        reader.setblocking(False)
+        got, start, end = bytearray(), time.monotonic(), time.monotonic() + 2 * WAIT
+        while got.count(b"z\n") < 4 * 1100 or got.count(b"m\n") < 11 * 100:
+            self.assertLess(time.monotonic(), end, f"the reader has {len(got)} bytes")
+            socks = [s.sock for s in senders] + ([reader] if time.monotonic() > start + 0.3 else [])
+            for sock in select.select(socks, [], [], 0.05)[0]:
+                data = sock.recv(1 << 20)  # the senders read what the others send, too
+                self.assertTrue(data, "a connection was closed")
+                if sock is reader:
+                    got += data
+        self.assertNotIn("dropped", server.stderr())
+
     def test_ctrl_c_while_it_waits_for_the_greeting_ends_it_cleanly(self):
         fake = FakeNats(self)
         server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{fake.port}")
@@ -3313,7 +3377,7 @@ class ClassesSideBySide(unittest.TestSuite):
 
     def run(self, result, debug=False):
         # The slowest classes first (TEST_CHAT_TIMES=1 tells), so that none starts last.
-        slow = ["ChatClientTest", "ChatServerTest", "NatsLinkTest", "WindowsServerTest",
+        slow = ["ChatClientTest", "ChatServerTest", "NatsLinkTest", "TlsTest", "WindowsServerTest",
                 "EchoClientTest", "WindowsClientTest"]
         waiting = sorted(self.classes.items(), key=lambda item: (
             slow.index(item[0].__name__) if item[0].__name__ in slow else len(slow), -len(item[1])))
