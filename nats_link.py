@@ -49,6 +49,7 @@ MAX_PAYLOAD = 60 * 1024
 GREETING_TIMEOUT = 5.0      # seconds for all of connect, INFO and PONG
 RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again, doubling
 PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
+PROTOCOL_LINE_LIMIT = 16 * 1024  # no line of NATS's protocol (INFO included) is longer
 
 
 class NatsLink:
@@ -75,7 +76,8 @@ class NatsLink:
         self.lost_at = None             # when the link went down, while it is down
         self.why = ""                   # why it last went down
         self.introduced = False         # whether we sent CONNECT on this connection
-        self.spare = socket.socket()    # holds a descriptor select() can watch: see reserve()
+        self.spare = socket.socket()    # keeps a low descriptor for the next socket of ours, one
+                                        # select() can watch: see reserve_descriptor()
 
     def add_sockets(self, want_read, want_write, room_is_waiting):
         """Add our socket to what select() watches, or start a connection when it is time.
@@ -96,7 +98,9 @@ class NatsLink:
         return self.state == "up" and len(self.outbuf) > self.rules["BEHIND"]
 
     def serve_ready(self, readable, writable):
-        """One turn of the loop for the link: connect, read, write, check its health."""
+        """One turn of the loop for the link: connect, read (read_from_nats(): one recv(),
+        then handle_input()), write, and check its health (check_health(): the stall budget
+        of a reader, as chat_server.py's drop_slow_readers() keeps it, and PINGs)."""
         now = time.monotonic()
         if self.state == "connecting":
             finish_connecting(self, self.sock in writable)
@@ -174,8 +178,6 @@ class NatsLink:
 # What a real link needs besides the lesson: the greeting, checked; credentials; a retry
 # with back-off; PINGs; a descriptor select() can watch; and logging what NATS says
 # harmlessly.
-
-PROTOCOL_LINE_LIMIT = 16 * 1024  # no line of NATS's protocol (INFO included) is longer
 
 
 def join(server, rules, broadcast, log):
