@@ -381,6 +381,9 @@ def parse_args(argv):
                         help="drop a reader the room waited this long for (default: %(default)s)")
     parser.add_argument("--nats", metavar="HOST:PORT",
                         help="step 5: share the room through this NATS server (nats_link.py)")
+    parser.add_argument("--handshake-timeout", type=seconds, default=5.0, metavar="SECONDS",
+                        help="NATS's greeting, and a TLS client's handshake, must be done "
+                             "within this (default: %(default)s)")
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
                         help="step 6: serve over TLS with this certificate and key (tls_layer.py)")
     args = parser.parse_args(argv)

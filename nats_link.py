@@ -46,7 +46,6 @@ SUBJECT = "chatroom"        # where the linked servers publish their lines
 # no reader is then pushed past the 256 KiB that gets it dropped. A MSG announcing more is
 # refused before it is read.
 MAX_PAYLOAD = 60 * 1024
-GREETING_TIMEOUT = 5.0      # seconds for all of connect, INFO and PONG
 RETRY_MIN, RETRY_MAX = 0.25, 2.0  # seconds between tries to link again, doubling
 PING_EVERY = 5.0            # seconds between our PINGs: two unanswered, the link is dropped
 PROTOCOL_LINE_LIMIT = 16 * 1024  # no line of NATS's protocol (INFO included) is longer
@@ -108,8 +107,9 @@ class NatsLink:
             read_from_nats(self)  # (like a client: not in a turn that has filled a reader)
         if self.state in ("greeting", "up") and self.outbuf:
             write_to_nats(self)
-        if self.state in ("connecting", "greeting") and now - self.since > GREETING_TIMEOUT:
-            drop_link(self, f"no greeting in {GREETING_TIMEOUT:g} s")
+        limit = self.rules["GREETING_TIMEOUT"]  # for all of connect, INFO and PONG
+        if self.state in ("connecting", "greeting") and now - self.since > limit:
+            drop_link(self, f"no greeting in {limit:g} s")
         if self.state == "up":
             check_health(self, now)
         self.last_turn = now
@@ -182,7 +182,7 @@ class NatsLink:
 
 def join(server, rules, broadcast, log):
     """Link server's room (chat_server.py's Server) to NATS at server.settings.nats (--nats),
-    now, waiting for the greeting (GREETING_TIMEOUT at most): the server does not start
+    now, waiting for the greeting (--handshake-timeout at most): the server does not start
     without its link. Returns server once linked; None after saying on stderr why not."""
     address = server.settings.nats
     try:
@@ -192,7 +192,8 @@ def join(server, rules, broadcast, log):
               file=sys.stderr)
         return None
     name = f"{socket.gethostname()}:{server.listener.getsockname()[1]}"
-    rules = dict(rules, STALL_BUDGET=server.settings.stall_budget)  # --stall-budget
+    rules = dict(rules, STALL_BUDGET=server.settings.stall_budget,  # the command line's
+                 GREETING_TIMEOUT=server.settings.handshake_timeout)
     peer = NatsLink((host, port, credentials), name, rules, log,
                     relay=lambda data, sender: broadcast(data, server, sender),
                     turn_is_full=lambda: server.turn_is_full)
@@ -205,7 +206,7 @@ def join(server, rules, broadcast, log):
               "(is nats-server running?)", file=sys.stderr)
     except socket.timeout:
         print(f"error: cannot link to NATS at {peer.where}: no greeting in "
-              f"{GREETING_TIMEOUT:g} s (is it a NATS server?)", file=sys.stderr)
+              f"{rules['GREETING_TIMEOUT']:g} s (is it a NATS server?)", file=sys.stderr)
     except OSError as err:
         print(f"error: cannot link to NATS at {peer.where}: {describe(err)}", file=sys.stderr)
     else:
@@ -248,11 +249,12 @@ def parse_address(address):
 
 
 def greet_now(link):
-    """At start: connect and greet, waiting, within GREETING_TIMEOUT in all; or raise
+    """At start: connect and greet, waiting, within --handshake-timeout in all; or raise
     OSError (socket.timeout, ConnectionRefusedError, ...) saying why."""
-    deadline = time.monotonic() + GREETING_TIMEOUT
+    deadline = time.monotonic() + link.rules["GREETING_TIMEOUT"]
     reserve_descriptor(link, False)
-    link.sock = socket.create_connection((link.host, link.port), timeout=GREETING_TIMEOUT)
+    link.sock = socket.create_connection((link.host, link.port),
+                                         timeout=link.rules["GREETING_TIMEOUT"])
     link.state, link.introduced = "greeting", False
     while link.state == "greeting":
         left = deadline - time.monotonic()

@@ -2280,7 +2280,8 @@ class NatsLinkTest(unittest.TestCase):
     def test_a_greeting_that_drips_in_byte_by_byte_still_has_one_deadline(self):
         fake = FakeNats(self)
         started = time.monotonic()
-        server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{fake.port}")
+        server = Proc(self, "chat_server.py", "--port", "0", "--nats", f"127.0.0.1:{fake.port}",
+                      "--handshake-timeout", "1")
         conn, _ = fake.listener.accept()
         self.addCleanup(conn.close)
         for byte in fake.info:  # one byte every 0.2 s: each recv() gets something, in time
@@ -2289,9 +2290,9 @@ class NatsLinkTest(unittest.TestCase):
             conn.sendall(bytes([byte]))
             time.sleep(0.2)  # the pace of this hostile broker, not a wait for an event
         self.assertEqual(server.wait(), 1)
-        self.assertLess(time.monotonic() - started, 5 + 2)  # the deadline is 5 s in all
+        self.assertLess(time.monotonic() - started, 1 + 2)  # the deadline is 1 s in all
         self.assertEqual(server.stderr(), f"error: cannot link to NATS at 127.0.0.1:{fake.port}: "
-                                          "no greeting in 5 s (is it a NATS server?)\n")
+                                          "no greeting in 1 s (is it a NATS server?)\n")
 
     def test_err_text_from_nats_reaches_the_log_harmlessly(self):
         fake = FakeNats(self)
@@ -2395,7 +2396,7 @@ class TlsTest(unittest.TestCase):
         self.assertIn("connected (2 online)", server.stderr())
 
     def test_a_plain_client_gets_no_clear_text_and_is_dropped_while_the_room_goes_on(self):
-        server = self.start()
+        server = self.start("--handshake-timeout", "1")
         ann, bob = self.join(server), self.join(server)
         self.assertEqual(ann.line(), b"* a user joined (2 online)")
         plain = Peer(self, server.port)
@@ -2406,7 +2407,7 @@ class TlsTest(unittest.TestCase):
         self.assertEqual(bob.line(), b"Ann: still here")
         silent = Peer(self, server.port)  # says nothing: dropped once its time is up
         self.assertEqual(silent.read_to_eof(), b"")
-        server.wait_for_log("dropped: no TLS handshake in 5 s")
+        server.wait_for_log("dropped: no TLS handshake in 1 s")
 
     def test_a_leavers_last_line_arrives_with_its_goodbye(self):
         server = self.start()
@@ -2797,7 +2798,7 @@ class CommandLineTest(unittest.TestCase):
     def test_help_explains_every_option(self):
         options = {"echo_server.py": ["--host", "--port", "--max-clients", "--drain-timeout"],
                    "chat_server.py": ["--host", "--port", "--max-clients", "--drain-timeout",
-                                      "--stall-budget", "--nats", "--tls"],
+                                      "--stall-budget", "--handshake-timeout", "--nats", "--tls"],
                    "echo_client.py": ["--host", "--port"],
                    "chat_client.py": ["--host", "--port", "--name", "--linger", "--tls"]}
         for script, names in options.items():

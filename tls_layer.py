@@ -28,7 +28,7 @@ be fooled by anyone on the way, who then reads and changes every line. The serve
 no certificate of clients: anyone may join, as in plain mode, but no one on the way can
 read or change a line. Nothing reaches a client before its handshake is done, not even
 "server full" (a refused connection is just closed). A handshake holds a seat, so it must
-be done within HANDSHAKE_TIMEOUT, or the connection is dropped; so is one that is not
+be done within --handshake-timeout (5 s), or the connection is dropped; so is one not
 TLS at all (a plain client), and the room goes on.
 Other clients that check the server chat too: `openssl s_client -quiet -verify_return_error
 -CAfile cert.pem -connect localhost:7007`, `ncat --ssl --ssl-verify --ssl-trustfile cert.pem
@@ -39,7 +39,6 @@ import ssl
 import sys
 import time
 
-HANDSHAKE_TIMEOUT = 5.0     # seconds a new connection has to finish its TLS handshake
 RECORD = 16 * 1024          # plaintext encrypted per send(): one TLS record at most
 RECV_SIZE = 64 * 1024       # ciphertext taken per recv() during a handshake
 UNSENT_LIMIT = 64 * 1024    # TLS's own messages a peer leaves unread: past this, it is dropped
@@ -164,7 +163,8 @@ class TlsListener:
             if sock in readable or sock in writable:
                 handshake_step(self, sock, tls, addr)  # done: into self.ready
             elif now > deadline:
-                drop_unjoined(self, sock, addr, f"no TLS handshake in {HANDSHAKE_TIMEOUT:g} s")
+                limit = self.server.settings.handshake_timeout
+                drop_unjoined(self, sock, addr, f"no TLS handshake in {limit:g} s")
         if self.ready:
             self.admit(self.server)
         while self.leaving:  # its recv() now returns b"": it leaves
@@ -233,7 +233,7 @@ def say_goodbye(tls):
 
 def start_handshakes(door):
     """Take the connections waiting at the listener: each with a seat starts its handshake,
-    with HANDSHAKE_TIMEOUT to finish it; one without is closed, without a word."""
+    with --handshake-timeout to finish it; one without is closed, without a word."""
     for _ in range(ACCEPT_BATCH):
         try:
             sock, addr = door.listener.accept()
@@ -252,7 +252,8 @@ def start_handshakes(door):
         sock.setblocking(False)
         tls = wrap(sock, door.context, server_side=True)
         tls.on_peer_closed = door.leaving.append
-        door.handshaking[sock] = [tls, addr, time.monotonic() + HANDSHAKE_TIMEOUT]
+        deadline = time.monotonic() + server.settings.handshake_timeout
+        door.handshaking[sock] = [tls, addr, deadline]
 
 
 def handshake_step(door, sock, tls, addr):
