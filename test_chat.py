@@ -2410,6 +2410,26 @@ class TlsTest(unittest.TestCase):
         self.assertEqual(silent.read_to_eof(), b"")
         server.wait_for_log("dropped: no TLS handshake in 1 s")
 
+    def test_a_handshake_that_drips_in_byte_by_byte_still_has_one_deadline(self):
+        server = self.start("--handshake-timeout", "1")
+        dripper = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT)
+        self.addCleanup(dripper.close)
+        hello = b"\x16\x03\x01\x40\x00" + b"\x01" * 0x4000  # a 16 KiB record, never whole
+        started = time.monotonic()
+        for byte in hello[:25]:  # one byte every 0.2 s: each recv() gets something, in time
+            try:
+                dripper.sendall(bytes([byte]))
+            except OSError:  # (reset: dropped)
+                break
+            if select.select([dripper], [], [], 0.2)[0]:  # closed by the server
+                break
+        try:
+            self.assertEqual(dripper.recv(100), b"")  # closed, not a byte of clear text
+        except ConnectionResetError:  # (closed with our bytes unread: a reset)
+            pass
+        self.assertLess(time.monotonic() - started, 1 + 2)  # the deadline is 1 s in all
+        server.wait_for_log("dropped: no TLS handshake in 1 s")
+
     def test_a_leavers_last_line_arrives_with_its_goodbye(self):
         server = self.start()
         ann, cy = self.join(server), self.join(server)

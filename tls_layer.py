@@ -160,11 +160,11 @@ class TlsListener:
     def serve_ready(self, readable, writable):
         now = time.monotonic()
         for sock, (tls, addr, deadline) in list(self.handshaking.items()):
-            if sock in readable or sock in writable:
-                handshake_step(self, sock, tls, addr)  # done: into self.ready
-            elif now > deadline:
+            if now > deadline:  # one deadline, however it drips its bytes in
                 limit = self.server.settings.handshake_timeout
                 drop_unjoined(self, sock, addr, f"no TLS handshake in {limit:g} s")
+            elif sock in readable or sock in writable:
+                handshake_step(self, sock, tls, addr)  # done: into self.ready
         if self.ready:
             self.admit(self.server)
         while self.leaving:  # its recv() now returns b"": it leaves
