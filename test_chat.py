@@ -706,10 +706,9 @@ class EchoClientTest(unittest.TestCase):
 # Step 3: chat_client.py
 # ---------------------------------------------------------------------------------------
 
-class ChatClientTest(unittest.TestCase):
-    """Step 3. CONTRACT.md, "Clients" and "chat_client.py": the name, "John: Hi", lines
-    printed whole as they come, pipes and their exit status, untrusted text made visible,
-    bounded memory, and in a terminal: the typed line kept intact, restored on every way out."""
+class ChatClientRoom:
+    """A chat server with someone in the room, and chat clients of it: for the two classes
+    below, which run side by side."""
 
     def setUp(self):
         self.server = Server(self, "chat_server.py")
@@ -734,6 +733,12 @@ class ChatClientTest(unittest.TestCase):
     def joined(self, client):
         client.expect("Welcome to the chatroom!\n")
         self.assertEqual(self.other.line(), b"* a user joined (2 online)")
+
+
+class ChatClientTest(ChatClientRoom, unittest.TestCase):
+    """Step 3. CONTRACT.md, "Clients" and "chat_client.py": the name, "John: Hi", lines
+    printed whole as they come, pipes and their exit status, untrusted text made visible,
+    and bounded memory."""
 
     def test_a_typed_line_is_sent_with_the_name_and_printed(self):
         client = self.client("--name", "John")
@@ -1005,6 +1010,13 @@ class ChatClientTest(unittest.TestCase):
         self.assertEqual(client.wait(), 1)
         self.assertEqual(client.stderr(), f"error: cannot connect to 127.0.0.1:{port}: "
                                           "connection refused (is the server running?)\n")
+
+
+
+class ChatClientTerminalTest(ChatClientRoom, unittest.TestCase):
+    """Step 3 in a terminal (a pseudo-terminal). CONTRACT.md, "chat_client.py": the typed
+    line kept intact while messages arrive, the editing keys, and the terminal restored on
+    every way out."""
 
     @unittest.skipUnless(pty, "needs a pseudo-terminal")
     def test_in_a_terminal_it_chats_and_ctrl_c_ends_it_cleanly(self):
@@ -3399,8 +3411,8 @@ class ClassesSideBySide(unittest.TestSuite):
 
     def run(self, result, debug=False):
         # The slowest classes first (TEST_CHAT_TIMES=1 tells), so that none starts last.
-        slow = ["ChatServerTest", "NatsLinkTest", "ChatClientTest", "WindowsServerTest",
-                "EchoClientTest", "WindowsClientTest"]
+        slow = ["ChatServerTest", "NatsLinkTest", "WindowsServerTest", "WindowsClientTest",
+                "ChatClientTest", "ChatClientTerminalTest", "EchoClientTest"]
         waiting = sorted(self.classes.items(), key=lambda item: (
             slow.index(item[0].__name__) if item[0].__name__ in slow else len(slow), -len(item[1])))
         children = {}  # read end of a child's pipe -> (pid, its tests by id, unread bytes, events)
